@@ -1,0 +1,241 @@
+"""Typed run configuration: YAML file + dotted `key=value` overrides.
+
+One `RunConfig` describes a whole run. Unknown keys are errors that suggest the closest valid key, wrong
+types and out-of-range values are errors that name the key. Values given on the command line are parsed as
+YAML scalars (`true`, `3`, `1e-4`, `[1, 2]`), so `lora.r=16` is an int and `data.train=x.json` a string.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from chattune.errors import ConfigError
+
+REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    path: str = Field("bundled", description="HF folder, hub id, or `bundled` (the default small model)")
+    trust_remote_code: bool = False
+    load_in_8bit: bool = False
+    attn_implementation: str | None = Field(None, description="e.g. sdpa, eager, flash_attention_2")
+
+
+class DataConfig(_Section):
+    train: str | None = None
+    eval: str | None = None
+    format: Literal["auto", "alpaca", "messages", "sharegpt"] = "auto"
+    max_length: int = Field(1024, ge=8)
+    train_on: Literal["all", "last"] = "all"
+    truncation: Literal["right", "drop", "error"] = "right"
+    packing: bool = True
+    skip_invalid: bool = False
+    system: str | None = Field(None, description="system prompt for records that have none")
+
+
+class LoraConfig(_Section):
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target: Union[str, list[str]] = "all"
+
+
+class PrefixConfig(_Section):
+    num_virtual_tokens: int = Field(16, ge=1)
+    projection: bool = False
+    projection_hidden: int | None = Field(None, ge=1, description="hidden size of the projection MLP")
+
+
+class FreezeConfig(_Section):
+    trainable_layers: Union[int, list[int]] = Field(2, description="N last decoder layers, or a list of indices")
+    trainable_modules: list[str] = Field(default_factory=list, description="name patterns (fnmatch) to train")
+
+
+class QLoraConfig(_Section):
+    bits: Literal[4, 8] = 4
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+
+
+class TrainConfig(_Section):
+    max_steps: int = Field(-1, description="-1: run `epochs` epochs")
+    epochs: float = Field(3, gt=0)
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.0, ge=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+    save_steps: int = Field(100, ge=1)
+    save_total_limit: int | None = Field(None, ge=1)
+    logging_steps: int = Field(10, ge=1)
+    eval_steps: int | None = Field(None, ge=1)
+    seed: int = 42
+    gradient_checkpointing: bool = False
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    label_only_logits: bool = True
+    group_by_length: bool = True
+    num_threads: int | None = Field(None, ge=1, description="CPU threads; default: all cores")
+    stop_after: int | None = Field(None, ge=1, description="stop (with a checkpoint) after this step")
+    deepspeed: str | None = None
+
+
+class RunConfig(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    template: str = "auto"
+    method: Literal["lora", "qlora", "prefix", "freeze", "full"] = "lora"
+    data: DataConfig = Field(default_factory=DataConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    prefix: PrefixConfig = Field(default_factory=PrefixConfig)
+    freeze: FreezeConfig = Field(default_factory=FreezeConfig)
+    qlora: QLoraConfig = Field(default_factory=QLoraConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output_dir: str = "runs/latest"
+    resume: Union[None, int, str] = Field(None, description="auto | STEP | checkpoint path")
+    overwrite: bool = False
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_from_string(cls, v: Any) -> Any:
+        # `model: bundled` / `model=path` is shorthand for `model.path`.
+        return {"path": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _check_resume(self) -> "RunConfig":
+        if isinstance(self.resume, str) and self.resume not in ("auto",) and not self.resume.isdigit():
+            if not Path(self.resume).exists():
+                raise ValueError(f"resume={self.resume!r}: not `auto`, a step number, or an existing checkpoint path")
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+# ---------------------------------------------------------------- key checking
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
+def valid_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:
+    """Every dotted key the config accepts, sections included (`lora`, `lora.r`, ...)."""
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        sub = _section_type(field.annotation)
+        if sub is not None:
+            keys.extend(valid_keys(sub, prefix + name + "."))
+    return keys
+
+
+def _suggest(key: str) -> str:
+    keys = valid_keys()
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    if not close:  # try matching the last part alone: `rank` -> `lora.r` is too far, `lora.targets` works
+        leaf = key.rsplit(".", 1)[-1]
+        leaves = {k.rsplit(".", 1)[-1]: k for k in keys}
+        m = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.6)
+        close = [leaves[m[0]]] if m else []
+    return f"; did you mean `{close[0]}`?" if close else f"; valid top-level keys: {', '.join(RunConfig.model_fields)}"
+
+
+def _check_keys(raw: dict, model: type[BaseModel] = RunConfig, prefix: str = "") -> None:
+    for key, value in raw.items():
+        dotted = prefix + str(key)
+        if key not in model.model_fields:
+            raise ConfigError(f"unknown config key `{dotted}`{_suggest(dotted)}")
+        sub = _section_type(model.model_fields[key].annotation)
+        if sub is not None and isinstance(value, dict):
+            _check_keys(value, sub, dotted + ".")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override `{text}` is not of the form key=value (e.g. train.lr=1e-4)")
+    key, _, value = text.partition("=")
+    key = key.strip()
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    if isinstance(parsed, (dict, type(None))) and value.strip() not in ("null", "~", ""):
+        parsed = value  # `a=b: c` or similar stays a plain string
+    return key, parsed
+
+
+def set_dotted(raw: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if isinstance(child, str) and part == "model" and i == 0:
+            child = {"path": child}  # `model: foo` in YAML, then `model.trust_remote_code=true`
+        if not isinstance(child, dict):
+            child = {}
+        node[part] = child
+        node = child
+    leaf = parts[-1]
+    if len(parts) == 1 and leaf == "model" and isinstance(node.get("model"), dict):
+        node["model"]["path"] = value  # `model=foo` keeps other model.* settings
+    else:
+        node[leaf] = value
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A config argument is a path, or the name of a shipped config (`lora`, `lora.yaml`)."""
+    path = Path(name)
+    if path.exists():
+        return path
+    for candidate in (REPO_CONFIGS / path.name, REPO_CONFIGS / f"{path.name}.yaml"):
+        if candidate.exists():
+            return candidate
+    shipped = sorted(p.name for p in REPO_CONFIGS.glob("*.yaml")) if REPO_CONFIGS.exists() else []
+    raise ConfigError(f"config file `{name}` not found" + (f"; shipped configs: {', '.join(shipped)}" if shipped else ""))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    raw: dict = {}
+    if path is not None:
+        cfg_path = resolve_config_path(path)
+        try:
+            raw = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{cfg_path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{cfg_path}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    for text in overrides:
+        key, value = parse_override(text)
+        set_dotted(raw, key, value)
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict) -> RunConfig:
+    _check_keys({k: ({"path": v} if k == "model" and isinstance(v, str) else v) for k, v in raw.items()})
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p in _UNION_TAGS))
+            got = err.get("input")
+            lines.append(f"config key `{loc or '(top)'}`: {err['msg']} (got {got!r})")
+        raise ConfigError("\n".join(dict.fromkeys(lines))) from None
+
+
+_UNION_TAGS = {"int", "str", "list[int]", "list[str]", "none", "function-after[_check_resume(), RunConfig]"}

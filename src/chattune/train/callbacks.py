@@ -1,0 +1,78 @@
+"""Trainer callbacks: metrics.jsonl, stop-after-step, NaN guard."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+
+class MetricsCallback(TrainerCallback):
+    """One JSON line per logging step: exact token-weighted loss of the steps since the last line, the learning
+    rate used for the last step, real (non-pad) tokens per second, grad norm. Eval results get their own lines."""
+
+    def __init__(self, trainer, path: str | Path):
+        self.trainer = trainer
+        self.path = Path(path)
+        self.lr = None
+        self.window_start = time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.window_start = time.perf_counter()
+        self.trainer.reset_window()
+
+    def on_step_begin(self, args, state, control, **kw):
+        sched = self.trainer.lr_scheduler
+        if sched is not None:
+            self.lr = sched.get_last_lr()[0]
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if not args.should_save or not logs:  # only the main process writes
+            return
+        record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+        if "loss" in logs:
+            now = time.perf_counter()
+            loss, tokens, trained = self.trainer.reset_window()
+            elapsed = max(now - self.window_start, 1e-9)
+            self.window_start = now
+            record.update(loss=loss, lr=self.lr, tokens=tokens, tokens_per_s=round(tokens / elapsed, 2),
+                          trained_tokens=trained, grad_norm=logs.get("grad_norm"))
+        elif any(k.startswith("eval_") for k in logs):
+            record.update({k: v for k, v in logs.items() if k.startswith("eval_")})
+        else:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+
+class StopAfterCallback(TrainerCallback):
+    """`train.stop_after=N`: save a checkpoint at step N and stop (the schedule stays that of the full run)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step >= self.step:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+class NanGuardCallback(TrainerCallback):
+    """Stop at the first non-finite loss instead of training on garbage; the last good checkpoint stays."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.bad_step = None
+
+    def on_step_end(self, args, state, control, **kw):
+        last = self.trainer.last_step_loss
+        if last is not None and not math.isfinite(last):
+            self.bad_step = state.global_step
+            control.should_training_stop = True
+            control.should_save = False
+        return control
