@@ -34,13 +34,13 @@ from chattune.data.encode import IGNORE, EncodeStats, encode_conversation
 from chattune.data.formats import load_conversations
 from chattune.data.templates import get_template
 from chattune.errors import ConfigError, DataError
+from chattune.inference import RUN_FILE
 from chattune.hardware import device_type, resolve_precision, set_cpu_threads, torch_dtype
 from chattune.methods import count_parameters, get_method
 from chattune.models.load import generation_stop_ids, load_model, load_tokenizer, model_type, resolve_model_path
 from chattune.train import checkpoint as ckpt
 from chattune.train.callbacks import MetricsCallback, NanGuardCallback, StopAfterCallback
 
-RUN_FILE = "chattune.json"  # in every output folder: how to load it back (base model, method, template)
 
 
 class ListDataset(torch.utils.data.Dataset):

@@ -1,0 +1,129 @@
+"""Load any chattune output (or a plain model) for generation, with the template it was trained with.
+
+Used by `chat`, `export` and later `eval` / `serve`, so every command loads a tuned model the same way:
+- an adapter folder (LoRA, QLoRA, P-tuning v2): the base model named in its chattune.json / adapter_config.json,
+  then `peft.PeftModel.from_pretrained`;
+- a full-model folder (Freeze, full SFT, an export, any HF model): `AutoModelForCausalLM.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from chattune.data.encode import encode_prompt
+from chattune.data.formats import Conversation, Message
+from chattune.data.templates import Template, get_template
+from chattune.errors import ModelError
+from chattune.models.load import generation_stop_ids, load_model, load_tokenizer, model_type, resolve_model_path
+
+RUN_FILE = "chattune.json"
+
+
+@dataclass
+class Tuned:
+    model: torch.nn.Module
+    tokenizer: object
+    template: Template
+    info: dict = field(default_factory=dict)  # chattune.json of the run, if any
+    source: str = ""
+
+    @property
+    def stop_ids(self) -> list[int]:
+        return self.template.stop_tokens(self.tokenizer)
+
+    def prompt_ids(self, conv: Conversation) -> list[int]:
+        return encode_prompt(conv, self.template, self.tokenizer)
+
+
+def read_run_info(folder: str | Path) -> dict:
+    path = Path(folder) / RUN_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def load_tuned(adapter: str | None = None, model: str | None = None, template: str | None = None,
+               trust_remote_code: bool | None = None, dtype: torch.dtype = torch.float32, log=print) -> Tuned:
+    if adapter:
+        folder = Path(adapter)
+        if not (folder / "adapter_config.json").exists():
+            if (folder / "config.json").exists():
+                raise ModelError(f"{folder} is a full model, not an adapter: use --model {folder}")
+            raise ModelError(f"{folder} has no adapter_config.json: point --adapter at a chattune output_dir "
+                             "(or a checkpoint-N folder inside it)")
+        info = read_run_info(folder) or read_run_info(folder.parent)
+        adapter_cfg = json.loads((folder / "adapter_config.json").read_text())
+        base_spec = model or info.get("base_model") or adapter_cfg.get("base_model_name_or_path")
+        if not base_spec:
+            raise ModelError(f"{folder}: the adapter does not name its base model; give it with --model")
+        if info.get("model_spec") == "bundled" and not Path(base_spec).exists():
+            base_spec = "bundled"  # the cache moved: rebuild it
+        trust = info.get("trust_remote_code", False) if trust_remote_code is None else trust_remote_code
+        base_path = resolve_model_path(base_spec, log)
+        tok_source = folder if (folder / "tokenizer_config.json").exists() else Path(base_path)
+        tokenizer = load_tokenizer(str(tok_source), trust)
+        base = load_model(base_path, dtype, trust)
+        from peft import PeftModel
+
+        net = PeftModel.from_pretrained(base, str(folder))
+        mtype = model_type(base_path)
+    else:
+        spec = model or "bundled"
+        path = resolve_model_path(spec, log)
+        info = read_run_info(path)
+        trust = info.get("trust_remote_code", False) if trust_remote_code is None else trust_remote_code
+        tokenizer = load_tokenizer(path, trust)
+        net = load_model(path, dtype, trust)
+        mtype = model_type(path)
+        folder = Path(path)
+    net.eval()
+    name = template or info.get("template") or "auto"
+    tmpl = get_template(name, tokenizer, mtype, generation_stop_ids(net))
+    return Tuned(net, tokenizer, tmpl, info, str(folder))
+
+
+def generate(tuned: Tuned, conv: Conversation, max_new_tokens: int = 256, temperature: float = 0.0,
+             top_p: float = 1.0, stream: bool = False) -> Iterator[str] | str:
+    """Answer the last user turn of `conv`. With stream=True, yields text pieces as they are generated."""
+    from transformers import TextIteratorStreamer
+
+    ids = torch.tensor([tuned.prompt_ids(conv)], device=next(tuned.model.parameters()).device)
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                  eos_token_id=tuned.stop_ids, pad_token_id=tuned.tokenizer.pad_token_id)
+    if temperature > 0:
+        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    if not stream:
+        with torch.no_grad():
+            out = tuned.model.generate(**kwargs)
+        return tuned.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    streamer = TextIteratorStreamer(tuned.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    errors: list[BaseException] = []
+
+    def run():
+        try:
+            with torch.no_grad():
+                tuned.model.generate(**kwargs, streamer=streamer)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            errors.append(e)
+            streamer.end()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+
+    def pieces():
+        yield from streamer
+        thread.join()
+        if errors:
+            raise errors[0]
+
+    return pieces()
+
+
+def conversation(history: list[Message], user: str, system: str | None = None) -> Conversation:
+    return Conversation(history + [Message("user", user)], system=system)
