@@ -156,6 +156,9 @@ def _check_keys(raw: dict, model: type[BaseModel] = RunConfig, prefix: str = "")
     for key, value in raw.items():
         dotted = prefix + str(key)
         if key not in model.model_fields:
+            while isinstance(value, dict) and len(value) == 1:  # `trian: {lr: 1}` -> name `trian.lr`
+                (sub_key, value), = value.items()
+                dotted += f".{sub_key}"
             raise ConfigError(f"unknown config key `{dotted}`{_suggest(dotted)}")
         sub = _section_type(model.model_fields[key].annotation)
         if sub is not None and isinstance(value, dict):

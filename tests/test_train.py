@@ -1,0 +1,123 @@
+"""The training recipe on a tiny random Llama: loss, outputs, metrics, checkpoints and exact resume."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from chattune.config import load_config
+from chattune.errors import ConfigError
+from chattune.train import checkpoint as ckpt
+from chattune.train.trainer import train
+from tiny import make_tiny_llama, write_jsonl
+
+WORDS = ["apple", "pear", "plum", "fig", "kiwi", "lime", "date", "nut", "yam", "oat", "rye", "pea"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    model = make_tiny_llama(root / "model")
+    data = write_jsonl(root / "data.jsonl", [
+        {"instruction": f"repeat {w}", "output": f"{w} {w} {w}"} for w in WORDS])
+    return model, data
+
+
+def run(tiny, out, *overrides):
+    model, data = tiny
+    cfg = load_config(None, [f"model={model}", f"data.train={data}", f"output_dir={out}", "train.precision=fp32",
+                             "train.logging_steps=1", "train.batch_size=4", "train.lr=5e-3", *overrides])
+    return train(cfg, log=lambda m: None)
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_decreases_and_outputs(tiny, tmp_path):
+    out = tmp_path / "run"
+    result = run(tiny, out, "train.max_steps=12", "train.save_steps=6", "lora.dropout=0")
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert {"step", "loss", "lr", "tokens_per_s"} <= set(rows[0])
+    first, last = sum(r["loss"] for r in rows[:3]) / 3, sum(r["loss"] for r in rows[-3:]) / 3
+    assert last < first - 0.1
+    for name in ("config.yaml", "run.json", "chattune.json", "adapter_config.json", "adapter_model.safetensors",
+                 "tokenizer.json"):
+        assert (out / name).exists(), name
+    assert [s for s, _ in ckpt.complete_checkpoints(out)] == [6, 12]
+    run_info = json.loads((out / "run.json").read_text())
+    assert run_info["trainable_params"] == result.trainable_params > 0
+    assert run_info["steps"] == 12 and run_info["data"]["samples"] == len(WORDS)
+    # the final adapter loads with plain peft
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny[0]), str(out))
+    assert peft_model.peft_config["default"].r == 8
+
+
+def test_first_step_loss_equals_reference_cross_entropy(tiny, tmp_path):
+    """Step 1's logged loss (label-only logits, packed batch) equals HF's own loss on the padded batch."""
+    from transformers import AutoModelForCausalLM
+
+    from chattune.data.collate import PaddingCollator
+    from chattune.data.encode import encode_conversation
+    from chattune.data.formats import load_conversations
+    from chattune.data.templates import get_template
+    from chattune.models.load import load_tokenizer
+
+    out = tmp_path / "run"
+    run(tiny, out, "train.max_steps=1", "train.batch_size=12", "lora.dropout=0")
+    logged = metrics(out)[0]["loss"]
+    tok = load_tokenizer(str(tiny[0]))
+    template = get_template("auto", tok)
+    rows = [encode_conversation(c, template, tok, 1024) for c in load_conversations(tiny[1]).conversations]
+    batch = PaddingCollator(tok.pad_token_id)([{"input_ids": r.input_ids, "labels": r.labels} for r in rows])
+    with torch.no_grad():
+        reference = AutoModelForCausalLM.from_pretrained(tiny[0])(**batch).loss.item()
+    assert logged == pytest.approx(reference, abs=1e-5)
+
+
+def test_exact_resume(tiny, tmp_path):
+    full, split = tmp_path / "full", tmp_path / "split"
+    run(tiny, full, "train.max_steps=6", "train.save_steps=3")
+    stopped = run(tiny, split, "train.max_steps=6", "train.save_steps=3", "train.stop_after=3")
+    assert stopped.stopped_early and [r["step"] for r in metrics(split)] == [1, 2, 3]
+    run(tiny, split, "train.max_steps=6", "train.save_steps=3", "resume=auto")
+    a, b = metrics(full), metrics(split)
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    for ra, rb in zip(a, b):
+        assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-6), ra["step"]
+        assert rb["lr"] == pytest.approx(ra["lr"])
+
+
+def test_incomplete_checkpoint_is_never_resumed(tiny, tmp_path):
+    out = tmp_path / "run"
+    run(tiny, out, "train.max_steps=4", "train.save_steps=2", "train.stop_after=2")
+    # a crash while writing checkpoint-4: the folder exists, the completion marker does not
+    shutil.copytree(out / "checkpoint-2", out / "checkpoint-4")
+    (out / "checkpoint-4" / ckpt.MARKER).unlink()
+    assert ckpt.resolve_resume(out, "auto") == out / "checkpoint-2"
+    with pytest.raises(ConfigError, match="no complete checkpoint-4"):
+        ckpt.resolve_resume(out, 4)
+    assert ckpt.resolve_resume(out, "2") == out / "checkpoint-2"
+
+
+def test_output_dir_with_a_run_needs_resume_or_overwrite(tiny, tmp_path):
+    out = tmp_path / "run"
+    run(tiny, out, "train.max_steps=1")
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run(tiny, out, "train.max_steps=1")
+    result = run(tiny, out, "train.max_steps=2", "overwrite=true")
+    assert result.steps == 2 and [r["step"] for r in metrics(out)] == [1, 2]
+
+
+def test_truncation_policies(tiny, tmp_path):
+    from chattune.errors import DataError
+
+    with pytest.raises(DataError, match="longer than data.max_length=20"):
+        run(tiny, tmp_path / "a", "train.max_steps=1", "data.max_length=20", "data.truncation=error")
+    with pytest.raises(DataError, match="every sample was dropped"):
+        run(tiny, tmp_path / "b", "train.max_steps=1", "data.max_length=20", "data.truncation=drop")
