@@ -1,6 +1,6 @@
 """Read and validate training records in the three supported formats, into `Conversation`s.
 
-Formats (auto-detected per file from its first record, or forced with `data.format`):
+Formats (auto-detected per record from its keys, or forced with `data.format`):
 - alpaca:   {"instruction", "input"?, "output", "system"?, "history"?: [[user, assistant], ...]}
 - messages: {"messages": [{"role": system|user|assistant|observation, "content", "tools"?, "loss"?}]}
             (GLM-4 finetune-demo format; an assistant `content` may be a tool call {"name", "arguments"})
@@ -143,18 +143,20 @@ def load_conversations(
 ) -> LoadResult:
     """Parse and validate a data file/folder. Raises DataError listing every bad record unless skip_invalid."""
     file = find_split(path, split)
-    conversations, problems = [], []
+    conversations, problems, seen = [], [], []
     for loc, rec in iter_raw_records(file):
         try:
             if isinstance(rec, _Invalid):
                 raise rec
-            if fmt == "auto":
-                fmt = detect_format(rec) or "auto"
-                if fmt == "auto":
-                    keys = ", ".join(sorted(rec)) if isinstance(rec, dict) else type(rec).__name__
-                    raise _Invalid("(record)", f"unknown format (keys: {keys}); expected alpaca "
-                                   "(instruction/output), messages (messages) or sharegpt (conversations)")
-            conv = PARSERS[fmt](rec)
+            rec_fmt = fmt if fmt != "auto" else detect_format(rec)  # auto: per record, for precise errors
+            if rec_fmt is None:
+                if not isinstance(rec, dict):
+                    raise _Invalid("(record)", f"expected a JSON object, got {type(rec).__name__}")
+                raise _Invalid("(record)", f"unknown format (keys: {', '.join(sorted(rec))}); expected alpaca "
+                               "(instruction/output), messages (messages) or sharegpt (conversations)")
+            conv = PARSERS[rec_fmt](rec)
+            if rec_fmt not in seen:
+                seen.append(rec_fmt)
             conv.source = loc
             if conv.system is None and default_system:
                 conv.system = default_system
@@ -168,7 +170,7 @@ def load_conversations(
         raise DataError(problems, "fix the records above, or set data.skip_invalid=true to train on the rest")
     if not conversations:
         raise DataError([f"{file}: no valid records" + (f" ({len(problems)} invalid)" if problems else "")])
-    return LoadResult(conversations, problems, fmt)
+    return LoadResult(conversations, problems, "+".join(seen))
 
 
 # ---------------------------------------------------------------- field checks

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
 
 class MetricsCallback(TrainerCallback):
@@ -76,3 +77,11 @@ class NanGuardCallback(TrainerCallback):
             control.should_training_stop = True
             control.should_save = False
         return control
+
+
+class QuietProgressCallback(ProgressCallback):
+    """transformers' progress bar, with the latest loss in the bar instead of a printed dict per log step."""
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
+            self.training_bar.set_postfix(loss=f"{float(logs['loss']):.4f}", refresh=False)

