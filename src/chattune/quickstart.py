@@ -94,7 +94,8 @@ def quickstart(output_dir: str = "runs/quickstart", steps: int | None = None, lo
     print("\n=== the same prompts, before and after tuning ===")
     for p, b, a in zip(PROMPTS, before, after):
         print(f"\nyou> {p}\n  before: {b}\n  after:  {a}")
-    print(f"\ntuned in {result.train_seconds:.0f}s ({result.steps} steps, final loss {result.final_loss:.3f}); "
+    loss = "n/a" if result.final_loss is None else f"{result.final_loss:.3f}"
+    print(f"\ntuned in {result.train_seconds:.0f}s ({result.steps} steps, final loss {loss}); "
           f"whole quickstart {time.perf_counter() - t0:.0f}s.")
     print(f"chat with it:  chattune chat --adapter {out}")
     return {"before": before, "after": after, "result": result}

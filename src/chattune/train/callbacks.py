@@ -30,6 +30,11 @@ class MetricsCallback(TrainerCallback):
         if sched is not None:
             self.lr = sched.get_last_lr()[0]
 
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step >= state.max_steps:
+            control.should_log = True  # the last step always gets a line, whatever logging_steps is
+        return control
+
     def on_log(self, args, state, control, logs=None, **kw):
         if not args.should_save or not logs:  # only the main process writes
             return
@@ -59,6 +64,7 @@ class StopAfterCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kw):
         if state.global_step >= self.step:
             control.should_save = True
+            control.should_log = True
             control.should_training_stop = True
         return control
 
