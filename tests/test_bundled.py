@@ -52,3 +52,15 @@ def test_quickstart_smoke(bundled, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("before:") == 3 and r.stdout.count("after:") == 3
     assert (tmp_path / "qs" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("name,min_trained", [
+    ("huanhuan/huanhuan.json", 3), ("llamafactory/glaive_toolcall_zh_demo.json", 20),
+    ("advertisegen/dev.messages.jsonl", 20), ("spo/train.jsonl", 1),
+])
+def test_shared_datasets_encode_with_the_bundled_template(bundled, shared_data, name, min_trained):
+    from chattune.config import load_config
+    from chattune.data.inspect import inspect
+
+    report = inspect(str(shared_data / name), load_config(None, []), out=open("/dev/null", "w"), log=lambda m: None)
+    assert report["records"] > 100 and report["mean_trained"] >= min_trained

@@ -203,3 +203,15 @@ def test_piecewise_encoding_matches_whole_string_for_chatml(tok):
     c = conv(("user", "hi there"), ("assistant", "fine, thanks"))
     input_ids, _ = encode_pieces(t.pieces(c), tok)
     assert input_ids == tok(tok.decode(input_ids), add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("name", ["auto", "chatml", "llama3", "chatglm3", "glm4"])
+def test_chat_prompt_is_a_prefix_of_the_training_ids(tok, name):
+    """The template used at chat time produces exactly the ids the model saw before each answer in training."""
+    t = get_template(name, tok)
+    c = conv(("user", "a"), ("assistant", "b"), ("user", "c"), ("assistant", "d"), system="s")
+    input_ids, labels = encode(c, t, tok)
+    for upto in (1, 3):  # prompts ending before the first and the second answer
+        prompt = encode_prompt(Conversation(c.messages[:upto], system="s"), t, tok)
+        assert input_ids[:len(prompt)] == prompt
+        assert labels[len(prompt) - 1] == N and labels[len(prompt)] != N  # the answer starts right after
