@@ -121,3 +121,17 @@ def test_truncation_policies(tiny, tmp_path):
         run(tiny, tmp_path / "a", "train.max_steps=1", "data.max_length=20", "data.truncation=error")
     with pytest.raises(DataError, match="every sample was dropped"):
         run(tiny, tmp_path / "b", "train.max_steps=1", "data.max_length=20", "data.truncation=drop")
+
+
+def test_bad_data_with_overwrite_keeps_the_old_run(tiny, tmp_path):
+    from chattune.errors import DataError
+
+    out = tmp_path / "run"
+    run(tiny, out, "train.max_steps=2", "train.save_steps=2")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a"}\n')
+    with pytest.raises(DataError, match="output: missing"):
+        run(tiny, out, "train.max_steps=2", "overwrite=true", f"data.train={bad}")
+    assert (out / "adapter_model.safetensors").exists() and ckpt.complete_checkpoints(out)
+    with pytest.raises(ConfigError, match="no complete checkpoint-9"):
+        run(tiny, out, "train.max_steps=2", "resume=9")
