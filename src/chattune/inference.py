@@ -3,7 +3,8 @@
 Used by `chat`, `export` and later `eval` / `serve`, so every command loads a tuned model the same way:
 - an adapter folder (LoRA, QLoRA, P-tuning v2): the base model named in its chattune.json / adapter_config.json,
   then `peft.PeftModel.from_pretrained`;
-- a full-model folder (Freeze, full SFT, an export, any HF model): `AutoModelForCausalLM.from_pretrained`.
+- a full-model folder (Freeze, full SFT, an export, any HF model): `AutoModelForCausalLM.from_pretrained`;
+  given as `adapter=` it is loaded the same way, so any run's output_dir works as `--adapter`.
 """
 
 from __future__ import annotations
@@ -48,11 +49,11 @@ def read_run_info(folder: str | Path) -> dict:
 
 def load_tuned(adapter: str | None = None, model: str | None = None, template: str | None = None,
                trust_remote_code: bool | None = None, dtype: torch.dtype = torch.float32, log=print) -> Tuned:
+    if adapter and not (Path(adapter) / "adapter_config.json").exists() and (Path(adapter) / "config.json").exists():
+        adapter, model = None, adapter  # the output of method=freeze/full is a full model: load it as one
     if adapter:
         folder = Path(adapter)
         if not (folder / "adapter_config.json").exists():
-            if (folder / "config.json").exists():
-                raise ModelError(f"{folder} is a full model, not an adapter: use --model {folder}")
             raise ModelError(f"{folder} has no adapter_config.json: point --adapter at a chattune output_dir "
                              "(or a checkpoint-N folder inside it)")
         info = read_run_info(folder) or read_run_info(folder.parent)

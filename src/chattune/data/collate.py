@@ -23,7 +23,7 @@ class PaddingCollator:
         self.pad_to = pad_to  # pad every batch to this length (the tutorial recipe; used by `chattune bench`)
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        width = self.pad_to or max(len(f["input_ids"]) for f in features)
+        width = max([self.pad_to or 0] + [len(f["input_ids"]) for f in features])
         ids = torch.full((len(features), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(features), width), IGNORE, dtype=torch.long)
         mask = torch.zeros((len(features), width), dtype=torch.long)
@@ -35,7 +35,7 @@ class PaddingCollator:
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def make_collator(packing: bool, pad_id: int):
+def make_collator(packing: bool, pad_id: int, pad_to: int | None = None):
     if packing:
         return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE)
-    return PaddingCollator(pad_id)
+    return PaddingCollator(pad_id, pad_to=pad_to)

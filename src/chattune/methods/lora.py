@@ -1,5 +1,8 @@
 """LoRA through peft. `lora.target=all` = every linear layer except the output head, found by type, so it works
-for architectures peft has no defaults for (e.g. ChatGLM's fused `query_key_value`)."""
+for architectures peft has no defaults for (e.g. ChatGLM's fused `query_key_value`).
+
+`model.load_in_8bit=true` puts the adapters on an 8-bit base (bitsandbytes, CUDA only); the quantization helpers
+live in qlora.py, which in turn reuses the target resolution here."""
 
 from __future__ import annotations
 
@@ -11,10 +14,20 @@ SUPPORTS_PACKING = True
 
 
 def preflight(cfg, device: str) -> None:
-    return None
+    from chattune.methods.full import check_deepspeed
+
+    if cfg.model.load_in_8bit:
+        from chattune.methods.qlora import require_bitsandbytes
+
+        require_bitsandbytes("model.load_in_8bit=true", device)
+    check_deepspeed(cfg, device)
 
 
 def load_kwargs(cfg, dtype) -> dict:
+    if cfg.model.load_in_8bit:
+        from chattune.methods.qlora import quantization_kwargs
+
+        return quantization_kwargs(cfg, dtype)
     return {}
 
 
@@ -55,4 +68,8 @@ def lora_config(model, cfg):
 def apply(model, cfg):
     from peft import get_peft_model
 
+    if cfg.model.load_in_8bit:
+        from chattune.methods.qlora import prepare
+
+        model = prepare(model, cfg)
     return get_peft_model(model, lora_config(model, cfg))

@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from chattune import __version__
 from chattune.config import RunConfig
@@ -39,7 +41,7 @@ from chattune.hardware import device_type, resolve_precision, set_cpu_threads, t
 from chattune.methods import count_parameters, get_method
 from chattune.models.load import generation_stop_ids, load_model, load_tokenizer, model_type, resolve_model_path
 from chattune.train import checkpoint as ckpt
-from chattune.train.callbacks import MetricsCallback, NanGuardCallback, StopAfterCallback
+from chattune.train.callbacks import MetricsCallback, NanGuardCallback, QuietProgressCallback, StopAfterCallback
 
 
 
@@ -123,8 +125,40 @@ def packing_is_exact(model) -> bool:
     return bool(((alone - together).abs().max() / scale) < 1e-2)
 
 
+class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+    """transformers' length-grouped sampler draws each epoch's order from the global RNG, whose state at an epoch
+    start differs between an uninterrupted run and a resumed one, so `resume=` would train on other batches.
+    Here the order depends on (seed, epoch) only; accelerate calls `set_epoch` at every epoch start."""
+
+    def __init__(self, base: LengthGroupedSampler, seed: int):
+        self.__dict__.update(base.__dict__)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return super().__iter__()
+
+
+class FixedOrderSampler(torch.utils.data.Sampler):
+    """Yields the given dataset indices in the given order (`chattune bench`: every recipe sees the same samples in
+    the same steps, so their losses and real-token counts are comparable step by step)."""
+
+    def __init__(self, order: list[int]):
+        self.order = list(order)
+
+    def __iter__(self):
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
 class ChattuneTrainer(Trainer):
-    def __init__(self, *args, label_only_logits: bool = True, **kwargs):
+    def __init__(self, *args, label_only_logits: bool = True, sample_order: list[int] | None = None, **kwargs):
+        self.sample_order = sample_order
         super().__init__(*args, **kwargs)
         # Our compute_loss divides by the trained-token count of the whole optimizer step itself.
         self.model_accepts_loss_kwargs = True
@@ -188,6 +222,19 @@ class ChattuneTrainer(Trainer):
             self._step_sum = (self._step_sum or 0.0) + s
             self._step_tokens = (self._step_tokens or 0) + n_trained
         return (loss, outputs) if return_outputs else loss
+
+    # -- data order ---------------------------------------------------------------------------
+    def _get_train_sampler(self, train_dataset=None):
+        if self.sample_order is not None:
+            n = len(train_dataset if train_dataset is not None else self.train_dataset)
+            if max(self.sample_order) >= n:
+                raise DataError([f"the fixed sample order needs {max(self.sample_order) + 1} samples, the data "
+                                 f"holds {n} after encoding"], "fix: raise data.max_length so no sample is dropped")
+            return FixedOrderSampler(self.sample_order)
+        sampler = super()._get_train_sampler(train_dataset)
+        if isinstance(sampler, LengthGroupedSampler):
+            sampler = EpochSeededLengthGroupedSampler(sampler, self.args.seed)
+        return sampler
 
     # -- checkpoints --------------------------------------------------------------------------
     def _save_checkpoint(self, model, trial):
@@ -253,18 +300,25 @@ def setup_model(cfg: RunConfig, log=print, device: str | None = None):
     return model, tokenizer, template, path, precision
 
 
-def check_output_dir(cfg: RunConfig) -> None:
+def check_output_dir(cfg: RunConfig) -> bool:
+    """Refuse an output_dir holding another run unless resume= or overwrite=true. Returns whether an old run is
+    to be cleared; that happens only once model and data have loaded, so a bad input loses nothing."""
     out = Path(cfg.output_dir)
     if cfg.resume is None and ckpt.holds_a_run(out):
         if not cfg.overwrite:
             raise ConfigError(f"output_dir {out} already holds a run; continue it with resume=auto, replace it with "
                               "overwrite=true, or choose another output_dir=")
-        ckpt.clear_run(out)
+        return True
+    return False
 
 
-def train(cfg: RunConfig, log=print) -> TrainResult:
+def train(cfg: RunConfig, log=print, *, sample_order: list[int] | None = None, pad_to: int | None = None,
+          callbacks: tuple = ()) -> TrainResult:
+    """Run one training job. The keyword-only arguments are seams for `chattune bench`: a fixed sample order, padding
+    of every (unpacked) batch to `pad_to` tokens, and extra Trainer callbacks."""
     device = device_type()
-    check_output_dir(cfg)
+    clear_old_run = check_output_dir(cfg)
+    resume_from = ckpt.resolve_resume(cfg.output_dir, cfg.resume)  # a bad resume= fails before any work
     if device == "cpu":
         threads = set_cpu_threads(cfg.train.num_threads, int(os.environ.get("WORLD_SIZE", "1")))
         log(f"device: cpu, {threads} threads")
@@ -281,6 +335,11 @@ def train(cfg: RunConfig, log=print) -> TrainResult:
         log("packing: this model does not keep packed samples apart (position_ids); using padded batches")
         packing = False
 
+    # Seed before the method creates its weights (LoRA A matrices, prefixes): train.seed alone decides them, not
+    # whatever ran earlier in this process, so a resumed run continues the same run.
+    from transformers import set_seed
+
+    set_seed(cfg.train.seed)
     model = method.apply(model, cfg)
     if cfg.train.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
@@ -290,9 +349,10 @@ def train(cfg: RunConfig, log=print) -> TrainResult:
         f"{'on' if cfg.train.label_only_logits else 'off'}")
 
     out = Path(cfg.output_dir)
+    if clear_old_run:
+        ckpt.clear_run(out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt.atomic_write_text(out / "config.yaml", cfg.to_yaml())
-    resume_from = ckpt.resolve_resume(out, cfg.resume)
     metrics_path = out / "metrics.jsonl"
     if resume_from is not None:
         step = json.loads((resume_from / "trainer_state.json").read_text())["global_step"]
@@ -335,14 +395,18 @@ def train(cfg: RunConfig, log=print) -> TrainResult:
         dataloader_num_workers=0,
         deepspeed=t.deepspeed,
     )
-    collator = make_collator(packing, tokenizer.pad_token_id)
+    collator = make_collator(packing, tokenizer.pad_token_id, pad_to=pad_to)
     trainer = ChattuneTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
-                              data_collator=collator, label_only_logits=t.label_only_logits)
+                              data_collator=collator, label_only_logits=t.label_only_logits, sample_order=sample_order)
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(QuietProgressCallback())
     trainer.add_callback(MetricsCallback(trainer, metrics_path))
     nan_guard = NanGuardCallback(trainer)
     trainer.add_callback(nan_guard)
     if t.stop_after:
         trainer.add_callback(StopAfterCallback(t.stop_after))
+    for callback in callbacks:
+        trainer.add_callback(callback)
 
     _write_run_file(out, cfg, model_path, template, method_saves_full=(cfg.method in ("freeze", "full")))
     start = time.perf_counter()

@@ -1,0 +1,131 @@
+"""Freeze tuning: train only some decoder layers and/or named modules; every other weight keeps requires_grad=False.
+
+- `freeze.trainable_layers`: N (the last N decoder layers) or a list of layer indices (0 = the first layer);
+- `freeze.trainable_modules`: fnmatch patterns matched against parameter names and the names of the modules
+  that hold them, e.g. `[lm_head, "model.norm"]` or `["*.mlp.*"]`.
+Both together train their union; to train only named modules, set `freeze.trainable_layers=0`.
+
+Decoder layers are found generically, as the largest `nn.ModuleList` of identical blocks (`model.layers` for
+Llama/Qwen/GLM-4, `transformer.encoder.layers` for ChatGLM, `transformer.h` for GPT-2), so remote-code models
+work too. The output is a full model folder: the frozen weights are saved along with the trained ones.
+"""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+
+import torch
+
+from chattune.errors import MethodError
+
+SUPPORTS_PACKING = True
+
+
+def preflight(cfg, device: str) -> None:
+    from chattune.methods.full import check_deepspeed
+
+    if cfg.model.load_in_8bit:
+        raise MethodError("model.load_in_8bit=true cannot train full weights (8-bit weights take no gradient); "
+                          "use it with method=lora, or use method=qlora")
+    layers = cfg.freeze.trainable_layers
+    if isinstance(layers, int) and layers < 0:
+        raise MethodError(f"freeze.trainable_layers={layers}: give a number of last layers (>= 0) or a list of indices")
+    n_layers = _configured_layers(cfg.model.path)
+    if n_layers is not None:  # fail before loading; apply() checks again against the loaded model
+        layer_indices(layers, n_layers)
+    check_deepspeed(cfg, device)
+
+
+def _configured_layers(spec: str) -> int | None:
+    """Decoder layer count from a local model folder's config.json, without loading the model (None: unknown)."""
+    import json
+    from pathlib import Path
+
+    if spec in ("bundled", "", None):
+        from chattune.models.bundled import bundled_model_dir, is_ready
+
+        folder = bundled_model_dir() if is_ready() else None
+    else:
+        folder = Path(spec).expanduser()
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return None
+    config = config.get("text_config", config)
+    for key in ("num_hidden_layers", "num_layers", "n_layer"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
+
+
+def load_kwargs(cfg, dtype) -> dict:
+    return {}
+
+
+def decoder_layers(model) -> tuple[str, torch.nn.ModuleList]:
+    """(name, module list) of the model's decoder blocks: the largest ModuleList whose items share one class."""
+    best = None
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(m) for m in module}) != 1:
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if best is None or size > best[2]:
+            best = (name, module, size)
+    if best is None:
+        raise MethodError("method=freeze: found no list of decoder layers in this model; "
+                          "use freeze.trainable_layers=0 with freeze.trainable_modules=[...] patterns instead")
+    return best[0], best[1]
+
+
+def layer_indices(trainable_layers, n_layers: int) -> list[int]:
+    """The layer indices `freeze.trainable_layers` selects, checked against the model's layer count."""
+    if isinstance(trainable_layers, int):
+        if trainable_layers > n_layers:
+            raise MethodError(f"freeze.trainable_layers={trainable_layers}: this model has only {n_layers} decoder "
+                              f"layers (valid: 0 to {n_layers})")
+        return list(range(n_layers - trainable_layers, n_layers))
+    bad = [i for i in trainable_layers if not 0 <= i < n_layers]
+    if bad:
+        raise MethodError(f"freeze.trainable_layers: layer index {', '.join(map(str, bad))} out of range; this "
+                          f"model has {n_layers} decoder layers, valid indices are 0 to {n_layers - 1}")
+    return sorted(set(trainable_layers))
+
+
+def _matches(param_name: str, patterns: list[str]) -> bool:
+    parts = param_name.split(".")
+    names = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]  # the module path prefixes and the name itself
+    return any(fnmatchcase(n, p) for p in patterns for n in names)
+
+
+def select(model, cfg) -> list[str]:
+    """Names of the parameters that will train (raises MethodError for impossible selections)."""
+    f = cfg.freeze
+    # every name, tied ones too: `lm_head` must match in a model whose head shares the embedding matrix
+    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    chosen: set[str] = set()
+    if f.trainable_layers not in (0, []):
+        prefix, layers = decoder_layers(model)
+        for i in layer_indices(f.trainable_layers, len(layers)):
+            chosen.update(n for n in names if n.startswith(f"{prefix}.{i}."))
+    for pattern in f.trainable_modules:
+        hit = [n for n in names if _matches(n, [pattern])]
+        if not hit:
+            examples = ", ".join(sorted({n.rsplit(".", 1)[0] for n in names})[:8])
+            raise MethodError(f"freeze.trainable_modules: pattern {pattern!r} matches no parameter; names look "
+                              f"like: {examples}, ...")
+        chosen.update(hit)
+    if not chosen:
+        raise MethodError("method=freeze: nothing to train (freeze.trainable_layers=0 and no "
+                          "freeze.trainable_modules); choose layers or modules to train")
+    return [n for n in names if n in chosen]
+
+
+def apply(model, cfg):
+    chosen = set(select(model, cfg))
+    params = list(model.named_parameters(remove_duplicate=False))
+    trainable = {id(p) for n, p in params if n in chosen}
+    for _, param in params:
+        param.requires_grad_(id(param) in trainable)
+    return model

@@ -1,0 +1,134 @@
+"""P-tuning v2 (prefix tuning) through peft's `PrefixTuningConfig`.
+
+A trained key/value prefix of `prefix.num_virtual_tokens` positions is put in front of every attention layer;
+the base model stays frozen. With `prefix.projection=true` the prefix is produced by a small MLP (ChatGLM's
+P-tuning v2 `prefix_projection`), `prefix.projection_hidden` wide (default: the prefix width).
+
+Grouped-query attention: the prefix lives in the key/value cache, so its shape is that of the *key/value* heads
+(`num_key_value_heads` x `head_dim`), not of the query heads. We derive both from the model config and pass
+them explicitly rather than relying on peft's defaults (which read `hidden_size`/`num_attention_heads` and only
+correct them where the config names `num_key_value_heads`).
+
+Why no packing: the prefix is one shared past for the whole row; in a packed row only the first sample would
+see it at the positions it was trained with. Why no gradient checkpointing: transformers' checkpointed decoder
+layers are called with `past_key_values=None`, which would drop the prefix (peft refuses the combination too).
+
+With projection, peft saves only the projected prefix (what inference needs), not the MLP that produced it. So
+that `resume=` continues the same MLP, the full prefix encoder state is saved next to the adapter as
+`prefix_encoder.safetensors` and loaded back on resume.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+
+from chattune.errors import MethodError
+
+SUPPORTS_PACKING = False
+ENCODER_FILE = "prefix_encoder.safetensors"
+
+
+def preflight(cfg, device: str) -> None:
+    if cfg.train.gradient_checkpointing:
+        raise MethodError("method=prefix cannot be combined with train.gradient_checkpointing=true: checkpointed "
+                          "decoder layers drop the key/value prefix, so it would not train. Set "
+                          "train.gradient_checkpointing=false (a prefix needs little memory), or use method=lora")
+    if cfg.model.load_in_8bit:
+        raise MethodError("model.load_in_8bit=true is for method=lora; use method=qlora for a quantized base")
+    from chattune.methods.full import check_deepspeed
+
+    check_deepspeed(cfg, device)
+
+
+def load_kwargs(cfg, dtype) -> dict:
+    return {}
+
+
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def kv_shape(config) -> tuple[int, int, int]:
+    """(decoder layers, key/value heads, head dim) from a model config, whatever the attribute names."""
+    c = _text_config(config)
+
+    def first(*names):
+        for n in names:
+            v = getattr(c, n, None)
+            if v is not None:
+                return v
+        return None
+
+    layers = first("num_hidden_layers", "num_layers", "n_layer")
+    heads = first("num_attention_heads", "n_head", "num_heads")
+    hidden = first("hidden_size", "n_embd", "d_model")
+    # ChatGLM names its kv heads `multi_query_group_num` (with `multi_query_attention`).
+    kv_heads = first("num_key_value_heads", "num_kv_heads")
+    if kv_heads is None and getattr(c, "multi_query_attention", False):
+        kv_heads = getattr(c, "multi_query_group_num", None)
+    kv_heads = kv_heads or heads
+    head_dim = first("head_dim", "kv_channels") or (hidden // heads if hidden and heads else None)
+    if not (layers and kv_heads and head_dim):
+        raise MethodError("method=prefix: cannot read the number of layers, key/value heads and head size from "
+                          f"this model's config ({type(c).__name__}); use method=lora")
+    return int(layers), int(kv_heads), int(head_dim)
+
+
+def prefix_config(model, cfg):
+    from peft import PrefixTuningConfig
+
+    layers, kv_heads, head_dim = kv_shape(model.config)
+    token_dim = kv_heads * head_dim
+    p = cfg.prefix
+    return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=p.num_virtual_tokens,
+                              num_layers=layers, num_attention_heads=kv_heads, token_dim=token_dim,
+                              prefix_projection=p.projection, encoder_hidden_size=p.projection_hidden or token_dim)
+
+
+def apply(model, cfg):
+    from peft import get_peft_model
+
+    model_type = getattr(model.config, "model_type", "")
+    if not getattr(model, "_supports_cache_class", True) or not _uses_cache(model):
+        raise MethodError(f"method=prefix needs a model that takes a key/value cache (past_key_values); "
+                          f"{model_type or type(model).__name__} does not: use method=lora")
+    peft_model = get_peft_model(model, prefix_config(model, cfg))
+    if cfg.prefix.projection:
+        _keep_encoder_on_save(peft_model)
+    return peft_model
+
+
+def _uses_cache(model) -> bool:
+    import inspect
+
+    try:
+        return "past_key_values" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _keep_encoder_on_save(peft_model) -> None:
+    """Save the whole prefix encoder (embedding + MLP) with every checkpoint and load it back on resume."""
+    from safetensors.torch import load_file, save_file
+
+    save_pretrained = peft_model.save_pretrained
+    load_adapter = peft_model.load_adapter
+
+    def encoder(self):
+        return self.prompt_encoder[self.active_adapter]
+
+    def save_with_encoder(self, save_directory, *args, **kwargs):
+        save_pretrained(save_directory, *args, **kwargs)
+        state = {k: v.detach().contiguous().cpu() for k, v in encoder(self).state_dict().items()}
+        save_file(state, os.path.join(save_directory, ENCODER_FILE))
+
+    def load_with_encoder(self, model_id, adapter_name, *args, is_trainable: bool = False, **kwargs):
+        path = os.path.join(str(model_id), ENCODER_FILE)
+        if is_trainable and adapter_name == self.active_adapter and os.path.isfile(path):
+            encoder(self).load_state_dict(load_file(path), strict=True)
+            return None
+        return load_adapter(model_id, adapter_name, *args, is_trainable=is_trainable, **kwargs)
+
+    peft_model.save_pretrained = types.MethodType(save_with_encoder, peft_model)
+    peft_model.load_adapter = types.MethodType(load_with_encoder, peft_model)
