@@ -275,18 +275,23 @@ def parse_alpaca(rec: Any) -> Conversation:
 _MESSAGE_ROLES = {"system", "user", "assistant", "observation", "tool"}
 
 
+def _turns(rec: dict, key: str) -> list[tuple[int, str, dict]]:
+    """The non-empty list `rec[key]` of objects, as (index, field path, object)."""
+    raw = rec.get(key)
+    if not isinstance(raw, list):
+        raise _Invalid(key, "missing" if raw is None else f"expected a list, got {type(raw).__name__}")
+    if not raw:
+        raise _Invalid(key, "is empty")
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict):
+            raise _Invalid(f"{key}[{i}]", f"expected an object, got {type(m).__name__}")
+    return [(i, f"{key}[{i}]", m) for i, m in enumerate(raw)]
+
+
 def parse_messages(rec: Any) -> Conversation:
     rec = _require_dict(rec)
-    raw = rec.get("messages")
-    if not isinstance(raw, list):
-        raise _Invalid("messages", "missing" if raw is None else f"expected a list, got {type(raw).__name__}")
-    if not raw:
-        raise _Invalid("messages", "is empty")
     system, tools, messages = None, None, []
-    for i, m in enumerate(raw):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise _Invalid(where, f"expected an object, got {type(m).__name__}")
+    for i, where, m in _turns(rec, "messages"):
         role = m.get("role")
         if role not in _MESSAGE_ROLES:
             raise _Invalid(f"{where}.role", f"unknown role {role!r}; expected system, user, assistant or observation")
@@ -318,18 +323,10 @@ _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assista
 
 def parse_sharegpt(rec: Any) -> Conversation:
     rec = _require_dict(rec)
-    raw = rec.get("conversations")
-    if not isinstance(raw, list):
-        raise _Invalid("conversations", "missing" if raw is None else f"expected a list, got {type(raw).__name__}")
-    if not raw:
-        raise _Invalid("conversations", "is empty")
     system = _str_field(rec, "system", required=False) or None
     tools = _normalize_tools(rec.get("tools"), "tools")
     messages: list[Message] = []
-    for i, m in enumerate(raw):
-        where = f"conversations[{i}]"
-        if not isinstance(m, dict):
-            raise _Invalid(where, f"expected an object, got {type(m).__name__}")
+    for i, where, m in _turns(rec, "conversations"):
         role = _SHAREGPT_ROLES.get(m.get("from"))
         if role is None:
             raise _Invalid(f"{where}.from", f"unknown speaker {m.get('from')!r}; expected human, gpt, "
