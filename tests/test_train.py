@@ -135,3 +135,11 @@ def test_bad_data_with_overwrite_keeps_the_old_run(tiny, tmp_path):
     assert (out / "adapter_model.safetensors").exists() and ckpt.complete_checkpoints(out)
     with pytest.raises(ConfigError, match="no complete checkpoint-9"):
         run(tiny, out, "train.max_steps=2", "resume=9")
+
+
+def test_eval_loss_during_training(tiny, tmp_path):
+    out = tmp_path / "run"
+    run(tiny, out, "train.max_steps=4", "train.eval_steps=2", f"data.eval={tiny[1]}")
+    evals = [r for r in metrics(out) if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all(r["eval_loss"] > 0 for r in evals) and evals[1]["eval_loss"] < evals[0]["eval_loss"]

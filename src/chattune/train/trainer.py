@@ -383,6 +383,7 @@ def train(cfg: RunConfig, log=print, *, sample_order: list[int] | None = None, p
         save_total_limit=t.save_total_limit,
         eval_strategy="steps" if data.eval is not None and t.eval_steps else "no",
         eval_steps=t.eval_steps,
+        prediction_loss_only=True,  # eval loss only: label-only logits are not per-position predictions
         seed=t.seed,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
