@@ -1,0 +1,502 @@
+"""`chattune bench`: the tutorial recipe vs chattune's defaults, same model, same samples, same steps, one run.
+
+    chattune bench [model=bundled] [data=FILE] [samples=120] [steps=30] [batch_size=4] [max_length=512]
+                   [lora.r=8] [recipes=tutorial,dynamic,chattune] [threads=N] [last=5] [out=results.json]
+
+Recipes (everything else is identical: config defaults, LoRA r on all linear layers, optimizer, schedule, seed):
+- tutorial: every sample padded to `max_length`, fp32, logits over every position, no length grouping;
+- dynamic:  padding to the longest sample of each batch, fp32, full logits (a middle baseline);
+- chattune: chattune's defaults (padding-free packing, label-only logits, precision=auto).
+
+Fairness:
+- every recipe trains on the first `samples` records, in one fixed shuffled order, `batch_size` per step, so step k
+  of every recipe sees the same samples (the same real tokens) and their losses are comparable step by step;
+- each recipe runs in a fresh subprocess (a freed PyTorch heap does not shrink the RSS, so a second recipe in the
+  same process would be measured against the first one's leftovers); the machine's matmul peak is measured in the
+  parent, once, with the same thread count;
+- throughput = real (non-pad) tokens / seconds inside optimizer steps, first step excluded (one-time warm-up);
+- memory: CPU: the peak RSS during training (the process' RSS high-water mark is reset when training starts,
+  through /proc/self/clear_refs, and read at the end), and its growth over the RSS at the start of training
+  (model and data already loaded). GPU: torch.cuda.max_memory_allocated, reset at the start of training.
+- MFU-style share: model FLOPs per real token (4 per frozen parameter: forward 2 + input gradient 2; 6 per trainable
+  parameter, which also gets a weight gradient) x real tokens/s, divided by the matmul throughput measured here for
+  the recipe's precision. Attention-score FLOPs are left out (a few % at these lengths). See docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import chattune
+from chattune.errors import ConfigError
+
+WORKER_PREFIX = "[bench] "
+
+RECIPES: dict[str, dict] = {
+    "tutorial": {
+        "about": "pad every sample to max_length, fp32, full logits (HF tutorial recipe)",
+        "overrides": ["data.packing=false", "train.group_by_length=false", "train.precision=fp32",
+                      "train.label_only_logits=false"],
+        "pad_to_max_length": True,
+        "baseline": True,
+    },
+    "dynamic": {
+        "about": "pad to the batch's longest sample, fp32, full logits",
+        "overrides": ["data.packing=false", "train.group_by_length=false", "train.precision=fp32",
+                      "train.label_only_logits=false"],
+        "pad_to_max_length": False,
+        "baseline": True,
+    },
+    "chattune": {
+        "about": "chattune defaults: packing, label-only logits, precision=auto",
+        "overrides": [],
+        "pad_to_max_length": False,
+        "baseline": False,
+    },
+}
+
+
+def default_data_path() -> Path:
+    """The LLaMA-Factory demo set in the shared data folder next to the repository (../shared/data/...)."""
+    repo = Path(chattune.__file__).resolve().parents[2]
+    return repo.parent / "shared" / "data" / "llamafactory" / "alpaca_en_demo.json"
+
+
+@dataclass
+class BenchSpec:
+    model: str = "bundled"
+    data: str = ""
+    samples: int = 120
+    steps: int = 30
+    batch_size: int = 4
+    max_length: int = 512
+    lora_r: int = 8
+    recipes: list[str] = field(default_factory=lambda: ["tutorial", "chattune"])
+    threads: int | None = None
+    last: int = 5
+    seed: int = 42
+    out: str | None = None
+    isolate: bool = True
+
+
+_INT_KEYS = {"samples": "samples", "steps": "steps", "batch_size": "batch_size", "max_length": "max_length",
+             "lora.r": "lora_r", "threads": "threads", "last": "last", "seed": "seed"}
+
+
+def parse_args(args: list[str]) -> BenchSpec:
+    spec = BenchSpec()
+    for text in args:
+        if "=" not in text:
+            raise ConfigError(f"bench: argument `{text}` is not key=value (e.g. steps=10)")
+        key, _, value = text.partition("=")
+        key, value = key.strip(), value.strip()
+        if key in _INT_KEYS:
+            try:
+                number = int(value)
+            except ValueError:
+                raise ConfigError(f"bench: {key}={value!r} must be an integer") from None
+            if number < 1:
+                raise ConfigError(f"bench: {key} must be at least 1, got {number}")
+            setattr(spec, _INT_KEYS[key], number)
+        elif key == "model":
+            spec.model = value
+        elif key == "data":
+            spec.data = value
+        elif key == "out":
+            spec.out = value
+        elif key == "recipes":
+            names = [n.strip() for n in value.split(",") if n.strip()]
+            unknown = [n for n in names if n not in RECIPES]
+            if unknown or not names:
+                raise ConfigError(f"bench: unknown recipe(s) {', '.join(unknown) or '(none)'}; "
+                                  f"choose from {', '.join(RECIPES)}")
+            spec.recipes = list(dict.fromkeys(names))
+        elif key == "isolate":
+            if value.lower() not in ("true", "false"):
+                raise ConfigError(f"bench: isolate={value!r} must be true or false")
+            spec.isolate = value.lower() == "true"
+        else:
+            known = ["model", "data", "out", "recipes", "isolate", *_INT_KEYS]
+            raise ConfigError(f"bench: unknown key `{key}`; valid keys: {', '.join(known)}")
+    data = Path(spec.data) if spec.data else default_data_path()
+    if not data.is_file():
+        raise ConfigError(f"bench: data file {data} not found; give one with data=FILE (.json or .jsonl; the "
+                          "default is ../shared/data/llamafactory/alpaca_en_demo.json next to the repository)")
+    spec.data = str(data.resolve())
+    return spec
+
+
+# ---------------------------------------------------------------- machine
+
+
+def matmul_gflops(dtype_name: str, n: int = 1024, seconds: float = 0.5) -> float:
+    """Measured dense matmul throughput (n x n x n) in GFLOP/s, with the current torch thread count."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(3):
+        a @ b  # warm-up: kernel selection, page faults
+    sync()
+    count, start = 0, time.perf_counter()
+    while True:
+        a @ b
+        count += 1
+        if count % 4 == 0:
+            sync()
+            elapsed = time.perf_counter() - start
+            if elapsed >= seconds:
+                break
+    return 2 * n**3 * count / elapsed / 1e9
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(threads: int | None) -> dict:
+    import torch
+
+    from chattune.hardware import device_type, set_cpu_threads
+
+    device = device_type()
+    info = {"device": device, "torch": torch.__version__, "python": platform.python_version()}
+    if device == "cpu":
+        info.update(cpu=cpu_model(), cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                    threads=set_cpu_threads(threads))
+    else:
+        info.update(gpu=torch.cuda.get_device_name(0))
+    info["matmul_gflops"] = {p: round(matmul_gflops(p), 1) for p in (("fp32", "bf16") if device == "cpu"
+                                                                      else ("fp32", "bf16", "fp16"))}
+    return info
+
+
+# ---------------------------------------------------------------- one recipe (runs in the worker)
+
+
+def _proc_status_kb(field_name: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return float(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+def _make_step_recorder():
+    import torch
+    from transformers import TrainerCallback
+
+    class StepRecorder(TrainerCallback):
+        """Wall time of every optimizer step, and memory from the start of training."""
+
+        def __init__(self):
+            self.seconds: list[float] = []
+            self.rss_start_mb = None
+            self.hwm_reset = False
+            self._t0 = 0.0
+            self.cuda = torch.cuda.is_available()
+
+        def on_train_begin(self, args, state, control, **kw):
+            if self.cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                self.rss_start_mb = torch.cuda.memory_allocated() / 2**20
+            else:
+                rss = _proc_status_kb("VmRSS")
+                self.rss_start_mb = rss / 1024 if rss is not None else None
+                self.hwm_reset = _reset_peak_rss()
+
+        def on_step_begin(self, args, state, control, **kw):
+            if self.cuda:
+                torch.cuda.synchronize()
+            self._t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.seconds.append(time.perf_counter() - self._t0)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs and self.seconds:
+                print(f"{WORKER_PREFIX}step {state.global_step}/{state.max_steps}: {self.seconds[-1]:.2f} s, "
+                      f"loss {logs['loss']:.4f}", flush=True)
+
+        def peak_mb(self) -> float:
+            if self.cuda:
+                return torch.cuda.max_memory_allocated() / 2**20
+            hwm = _proc_status_kb("VmHWM") if self.hwm_reset else None
+            if hwm is not None:
+                return hwm / 1024
+            from chattune.train.trainer import peak_memory_mb
+
+            return peak_memory_mb("cpu")  # whole-process peak (includes model loading)
+
+    return StepRecorder()
+
+
+def sample_order(n_samples: int, steps: int, batch_size: int, seed: int) -> list[int]:
+    """steps x batch_size indices: shuffled epochs of range(n_samples), the same for every recipe."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    while len(order) < steps * batch_size:
+        order.extend(torch.randperm(n_samples, generator=g).tolist())
+    return order[: steps * batch_size]
+
+
+def _subset_file(data: str, samples: int, workdir: Path) -> tuple[Path, int]:
+    """The first `samples` records of `data`, written as a JSON array (the same file for every recipe)."""
+    path = Path(data)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    else:
+        records = json.loads(text)
+        if not isinstance(records, list):
+            raise ConfigError(f"bench: {path} must hold a JSON array of records")
+    records = records[:samples]
+    out = workdir / "bench-data.json"
+    out.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    return out, len(records)
+
+
+def recipe_config(spec: BenchSpec, recipe: str, data_file: Path, output_dir: Path):
+    from chattune.config import load_config
+
+    overrides = [f"model={spec.model}", f"data.train={data_file}", f"data.max_length={spec.max_length}",
+                 f"lora.r={spec.lora_r}", "lora.target=all", f"train.batch_size={spec.batch_size}",
+                 f"train.max_steps={spec.steps}", "train.logging_steps=1", f"train.save_steps={10**9}",
+                 f"train.seed={spec.seed}", f"output_dir={output_dir}", "overwrite=true"]
+    if spec.threads:
+        overrides.append(f"train.num_threads={spec.threads}")
+    return load_config(None, overrides + RECIPES[recipe]["overrides"])
+
+
+def run_recipe(spec: BenchSpec, recipe: str, data_file: Path, n_samples: int, workdir: Path) -> dict:
+    """Train one recipe in this process; return its measurements."""
+    from chattune.train.trainer import train
+
+    cfg = recipe_config(spec, recipe, data_file, workdir / f"run-{recipe}")
+    recorder = _make_step_recorder()
+    order = sample_order(n_samples, spec.steps, spec.batch_size, spec.seed)
+    pad_to = spec.max_length if RECIPES[recipe]["pad_to_max_length"] else None
+    def log(msg: str) -> None:
+        print(WORKER_PREFIX + msg, flush=True)
+
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    result = train(cfg, log=log, sample_order=order, pad_to=pad_to, callbacks=(recorder,),
+                   baseline=RECIPES[recipe]["baseline"])
+    metrics = [json.loads(line) for line in (Path(result.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in metrics if m.get("loss") is not None]
+    run = json.loads((Path(result.output_dir) / "run.json").read_text())
+    return summarize(recipe, spec, steps, recorder.seconds, recorder.peak_mb(), recorder.rss_start_mb,
+                     result.trainable_params, result.total_params, run.get("precision", "fp32"),
+                     bool(run.get("packing")), cfg.train.label_only_logits, pad_to, load_before)
+
+
+def summarize(recipe: str, spec: BenchSpec, steps: list[dict], seconds: list[float], peak_mb: float,
+              start_mb: float | None, trainable: int, total: int, precision: str, packing: bool,
+              label_only: bool, pad_to: int | None, load_before: float | None = None) -> dict:
+    n = min(len(steps), len(seconds))
+    steps, seconds = steps[:n], seconds[:n]
+    timed = slice(1, n) if n > 1 else slice(0, n)  # the first step is warm-up
+    timed_tokens = sum(s["tokens"] for s in steps[timed])
+    timed_seconds = sum(seconds[timed])
+    tail = steps[-min(spec.last, n):] if n else []
+    tail_trained = sum(s["trained_tokens"] for s in tail)
+    final_loss = (sum(s["loss"] * s["trained_tokens"] for s in tail) / tail_trained) if tail_trained else None
+    flops_per_token = 4 * (total - trainable) + 6 * trainable
+    tokens_per_s = timed_tokens / timed_seconds if timed_seconds else 0.0
+    return {
+        "recipe": recipe,
+        "about": RECIPES[recipe]["about"],
+        "precision": precision,
+        "batching": "packed" if packing else (f"pad to {pad_to}" if pad_to else "pad to batch max"),
+        "logits": "label-only" if label_only else "full",
+        "steps": n,
+        "real_tokens": sum(s["tokens"] for s in steps),
+        "trained_tokens": sum(s["trained_tokens"] for s in steps),
+        "tokens_per_s": round(tokens_per_s, 2),
+        "s_per_step": round(timed_seconds / max(len(seconds[timed]), 1), 3),
+        "total_seconds": round(sum(seconds), 2),
+        "peak_memory_mb": round(peak_mb, 1),
+        "memory_at_train_start_mb": round(start_mb, 1) if start_mb is not None else None,
+        "peak_memory_growth_mb": round(peak_mb - start_mb, 1) if start_mb is not None else None,
+        "final_loss": round(final_loss, 4) if final_loss is not None else None,
+        "final_loss_steps": len(tail),
+        "losses": [round(s["loss"], 4) for s in steps],
+        "step_seconds": [round(s, 3) for s in seconds],
+        "trainable_params": trainable,
+        "total_params": total,
+        "flops_per_token": flops_per_token,
+        "achieved_gflops": round(tokens_per_s * flops_per_token / 1e9, 2),
+        "loadavg_before": round(load_before, 2) if load_before is not None else None,
+        "loadavg_after": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+    }
+
+
+# ---------------------------------------------------------------- orchestration
+
+
+def _run_isolated(spec: BenchSpec, recipe: str, data_file: Path, n_samples: int, workdir: Path, log) -> dict:
+    job = workdir / f"job-{recipe}.json"
+    result_path = workdir / f"result-{recipe}.json"
+    job.write_text(json.dumps({"spec": asdict(spec), "recipe": recipe, "data_file": str(data_file),
+                               "n_samples": n_samples, "workdir": str(workdir), "result": str(result_path)}))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "chattune.bench", "--worker", str(job)]
+    tail: list[str] = []
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            if line.startswith(WORKER_PREFIX):
+                log(f"  {recipe}: {line[len(WORKER_PREFIX):]}")
+            else:
+                tail = (tail + [line])[-40:]
+        rc = proc.wait()
+    if rc != 0 or not result_path.exists():
+        error = json.loads(result_path.read_text()).get("error") if result_path.exists() else None
+        raise ConfigError(f"bench: recipe `{recipe}` failed (exit {rc})"
+                          + (f": {error}" if error else "") + "\n" + "\n".join(tail[-20:]))
+    return json.loads(result_path.read_text())
+
+
+def _worker(job_path: str) -> int:
+    job = json.loads(Path(job_path).read_text())
+    spec = BenchSpec(**job["spec"])
+    from chattune.cli import _quiet_libraries
+
+    _quiet_libraries()
+    try:
+        result = run_recipe(spec, job["recipe"], Path(job["data_file"]), job["n_samples"], Path(job["workdir"]))
+    except chattune.errors.ChattuneError as e:
+        Path(job["result"]).write_text(json.dumps({"error": str(e)}))
+        print(str(e), file=sys.stderr)
+        return 2
+    Path(job["result"]).write_text(json.dumps(result))
+    return 0
+
+
+def add_ratios(results: dict[str, dict], machine: dict) -> dict:
+    peaks = machine.get("matmul_gflops", {})
+    for r in results.values():
+        peak = peaks.get(r["precision"]) or peaks.get("fp32")
+        r["matmul_peak_gflops"] = peak
+        r["mfu_percent"] = round(100 * r["achieved_gflops"] / peak, 2) if peak else None
+    ratios = {}
+    if "tutorial" in results:
+        base = results["tutorial"]
+        for name, r in results.items():
+            if name == "tutorial":
+                continue
+            ratios[f"{name}_vs_tutorial"] = {
+                "tokens_per_s": round(r["tokens_per_s"] / base["tokens_per_s"], 2) if base["tokens_per_s"] else None,
+                "peak_memory": round(r["peak_memory_mb"] / base["peak_memory_mb"], 3) if base["peak_memory_mb"] else None,
+                "final_loss_diff": (round(r["final_loss"] - base["final_loss"], 4)
+                                    if r["final_loss"] is not None and base["final_loss"] is not None else None),
+            }
+    if "dynamic" in results and "chattune" in results and results["dynamic"]["tokens_per_s"]:
+        ratios["chattune_vs_dynamic"] = {
+            "tokens_per_s": round(results["chattune"]["tokens_per_s"] / results["dynamic"]["tokens_per_s"], 2)}
+    return ratios
+
+
+def format_table(results: dict[str, dict], ratios: dict, machine: dict) -> str:
+    head = ["recipe", "precision", "batching", "logits", "real tok/s", "s/step", "peak MB", "growth MB",
+            "final loss", "GFLOP/s", "MFU %"]
+    rows = [head]
+    for r in results.values():
+        growth = r["peak_memory_growth_mb"]
+        rows.append([r["recipe"], r["precision"], r["batching"], r["logits"], f"{r['tokens_per_s']:.1f}",
+                     f"{r['s_per_step']:.2f}", f"{r['peak_memory_mb']:.0f}",
+                     f"{growth:.0f}" if growth is not None else "-",
+                     f"{r['final_loss']:.4f}" if r["final_loss"] is not None else "-",
+                     f"{r['achieved_gflops']:.1f}", f"{r['mfu_percent']:.1f}" if r["mfu_percent"] is not None else "-"])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    peaks = ", ".join(f"{k} {v:.0f}" for k, v in machine.get("matmul_gflops", {}).items())
+    where = machine.get("cpu") or machine.get("gpu") or machine["device"]
+    extra = f", capability {machine['cpu_capability']}, {machine['threads']} threads" if "cpu" in machine else ""
+    lines.append(f"machine: {where}{extra}; measured matmul GFLOP/s: {peaks}")
+    for name, ratio in ratios.items():
+        parts = [f"{ratio['tokens_per_s']}x real tokens/s"]
+        if "peak_memory" in ratio:
+            parts.append(f"{ratio['peak_memory']}x peak memory")
+        if ratio.get("final_loss_diff") is not None:
+            parts.append(f"final loss {ratio['final_loss_diff']:+.4f}")
+        lines.append(f"speedup {name.replace('_vs_', ' vs ')}: " + ", ".join(parts))
+    return "\n".join(lines)
+
+
+def main(args: list[str], log=print) -> int:
+    spec = parse_args(args)
+    machine = machine_info(spec.threads)
+    log(f"bench: {spec.samples} samples from {spec.data}, {spec.steps} steps of batch {spec.batch_size}, "
+        f"max_length {spec.max_length}, LoRA r={spec.lora_r} on all linear layers; recipes: {', '.join(spec.recipes)}")
+    log(f"bench: matmul GFLOP/s on this machine: {machine['matmul_gflops']}")
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="chattune-bench-") as tmp:
+        workdir = Path(tmp)
+        data_file, n_samples = _subset_file(spec.data, spec.samples, workdir)
+        if n_samples < spec.batch_size:
+            raise ConfigError(f"bench: {spec.data} holds only {n_samples} records, fewer than batch_size")
+        for recipe in spec.recipes:
+            log(f"bench: recipe `{recipe}` ({RECIPES[recipe]['about']})")
+            if spec.isolate:
+                results[recipe] = _run_isolated(spec, recipe, data_file, n_samples, workdir, log)
+            else:
+                results[recipe] = run_recipe(spec, recipe, data_file, n_samples, workdir)
+    ratios = add_ratios(results, machine)
+    table = format_table(results, ratios, machine)
+    print(table, flush=True)
+    report = {"settings": {k: v for k, v in asdict(spec).items() if k not in ("out", "isolate")} | {"samples_used": n_samples},
+              "machine": machine, "recipes": results, "ratios": ratios,
+              "method": {"throughput": "real (non-pad) tokens / seconds inside optimizer steps, first step excluded",
+                         "memory": ("peak RSS during training (high-water mark reset at train start), fresh process "
+                                    "per recipe" if spec.isolate else "peak RSS during training, same process")
+                         if machine["device"] == "cpu" else "torch.cuda.max_memory_allocated during training",
+                         "final_loss": f"trained-token-weighted mean loss of the last {spec.last} steps",
+                         "mfu": "(4 x frozen params + 6 x trainable params) x real tokens/s / measured matmul FLOP/s"}}
+    if spec.out:
+        out = Path(spec.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        log(f"bench: results written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        sys.exit(_worker(sys.argv[2]))
+    sys.exit(main(sys.argv[1:]))
