@@ -288,3 +288,65 @@ def config_from_dict(raw: dict) -> RunConfig:
 
 _UNION_TAGS = {"int", "str", "list[int]", "list[str]", "none", "function-after[_check_resume(), RunConfig]",
                "function-after[_check_resume(), _RunConfigBase]"}
+
+
+# ---------------------------------------------------------------- commands that use a part of the config
+
+
+def recorded_config(folder: str | Path) -> tuple[dict, Path | None]:
+    """The config a run recorded (its `config.yaml`; a checkpoint-N's is its run's), raw, and its path; ({}, None)
+    for a folder that holds none (a plain model, an export, a hub id)."""
+    from chattune import outputs
+
+    folder = Path(folder)
+    candidates = [folder / outputs.CONFIG_FILE] + ([folder.parent / outputs.CONFIG_FILE]
+                                                   if outputs.is_checkpoint(folder) else [])
+    for path in candidates:
+        if path.is_file():
+            return read_yaml_config(path), path
+    return {}, None
+
+
+def get_dotted(raw: dict, key: str) -> tuple[bool, Any]:
+    """(found, value) of a dotted key in a raw config dict."""
+    node: Any = raw
+    for part in key.split("."):
+        if part == "path" and isinstance(node, str):
+            return True, node  # `model: foo`
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def command_config(command: str, overrides: list[str] | tuple[str, ...], applies: dict[str, str],
+                   base: dict | None = None, base_source: Path | str | None = None,
+                   hints: dict[str, str] | None = None) -> tuple[RunConfig, list[str]]:
+    """`key=value` overrides for a command that uses only some of the run config (`eval`, `serve`), parsed and
+    checked exactly as `train` does: an unknown key gets the same did-you-mean error, a wrong type or range the
+    same message. A known key that does nothing for `command` is refused with the keys that do apply (`applies`:
+    key -> what it does; `hints`: key -> where that setting goes instead). `base` (e.g. values picked from a run's
+    config.yaml, `base_source`) is what the overrides start from. Returns the config and the keys given."""
+    given: list[str] = []
+    for text in overrides:
+        key, value = parse_override(text)
+        probe: dict = {}
+        set_dotted(probe, key, value)
+        check_keys(probe, RunConfig)
+        typed, key = key, ("model.path" if key == "model" else key)
+        if key not in applies:
+            hint = (hints or {}).get(key) or (hints or {}).get(key.split(".")[0]) or ""
+            raise ConfigError(f"`{typed}` has no effect on `chattune {command}`{'; ' + hint if hint else ''}; "
+                              f"the keys that apply: {', '.join(applies)}")
+        given.append(key)
+    raw: dict = {}
+    for key in applies:
+        found, value = get_dotted(base or {}, key)
+        if found:
+            set_dotted(raw, key, value)
+    if raw and base_source is not None:
+        try:
+            config_from_dict(raw)
+        except ConfigError as e:
+            raise ConfigError(f"{base_source}: {e}") from None
+    return config_from_dict(apply_overrides(raw, overrides)), list(dict.fromkeys(given))

@@ -1,6 +1,24 @@
-"""`chattune eval (--adapter DIR | --model DIR) --data FILE [--metrics ...]`."""
+"""`chattune eval (--adapter DIR | --model DIR) --data FILE [--metrics ...] [key=value ...]`."""
 
 HELP = "score a model on a data file: ROUGE-1/2/L, BLEU-4, exact match, triple F1, loss; writes predictions"
+
+# The run-config keys that change what `eval` does (the others are refused, never ignored).
+KEYS = {
+    "template": "the chat template (default: the one the run used; --template is the same)",
+    "model.trust_remote_code": "load a remote-code model (default: as the run did)",
+    "train.precision": "the dtype to load and run the model in: fp32 (default), bf16, fp16, auto (the run's)",
+    "data.format": "the data file's format (default: auto)",
+    "data.skip_invalid": "score the valid records and report the invalid ones instead of stopping",
+    "data.system": "the system prompt for records that have none (default: the run's)",
+    "data.max_length": "the loss metric: records longer than this are cut as in training (default: the run's)",
+    "data.truncation": "the loss metric: how an over-long record is cut (default: the run's)",
+    "data.train_on": "the loss metric: all assistant turns or only the last (default: the run's)",
+}
+# Keys that start from the run's recorded config.yaml (the others describe a data file, not the run).
+INHERITED = ("data.system", "data.max_length", "data.truncation", "data.train_on")
+LOSS_KEYS = ("data.max_length", "data.truncation", "data.train_on")
+HINTS = {"model.path": "give the model with --model or --adapter", "data.train": "give the file with --data",
+         "data.eval": "give the file with --data"}
 
 
 def configure(p) -> None:
@@ -12,14 +30,27 @@ def configure(p) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--limit", type=int, default=None, help="score only the first N records")
-    p.add_argument("--template", help="override the template (default: the one the run used)")
+    p.add_argument("--template", help="override the template (default: the one the run used); = template=NAME")
     p.add_argument("--out", help="output folder (default: MODEL_DIR/eval-<data file stem>)")
+    p.add_argument("args", nargs="*", metavar="key=value",
+                   help="run-config overrides, starting from the run's config.yaml: " + ", ".join(KEYS))
 
 
 def run(args) -> int:
+    from chattune.commands import model_config
+    from chattune.errors import ConfigError
+    from chattune.evaluate.metrics import parse_metric_names
     from chattune.evaluate.run import evaluate
     from chattune.log import log
 
-    evaluate(args.adapter, args.model, args.data, args.metrics, args.batch_size, args.max_new_tokens, args.limit,
-             args.out, args.template, log=log)
+    overrides = ([f"template={args.template}"] if args.template else []) + list(args.args)
+    names = parse_metric_names(args.metrics)
+    cfg, given, load = model_config("eval", args.adapter, args.model, overrides, KEYS, INHERITED, HINTS, log=log)
+    loss_only = [k for k in given if k in LOSS_KEYS]
+    if loss_only and "loss" not in names:
+        raise ConfigError(f"{', '.join(loss_only)}: only the loss metric encodes whole records (generation prompts "
+                          f"are never cut); add loss to --metrics (now {','.join(names)}) or leave "
+                          f"{'it' if len(loss_only) == 1 else 'them'} out")
+    evaluate(args.adapter, args.model, args.data, names, args.batch_size, args.max_new_tokens, args.limit,
+             args.out, log=log, data_config=cfg.data, **load)
     return 0

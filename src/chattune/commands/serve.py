@@ -1,6 +1,15 @@
-"""`chattune serve (--adapter DIR | --model DIR) [--host 127.0.0.1] [--port 8000] ...`."""
+"""`chattune serve (--adapter DIR | --model DIR) [--host 127.0.0.1] [--port 8000] ... [key=value ...]`."""
 
 HELP = "serve a model: OpenAI-compatible /v1/chat/completions and a web chat page at /"
+
+# The run-config keys that change what `serve` does (the others are refused, never ignored).
+KEYS = {
+    "template": "the chat template (default: the one the run used; --template is the same)",
+    "model.trust_remote_code": "load a remote-code model (default: as the run did)",
+    "train.precision": "the dtype to load and run the model in: fp32 (default), bf16, fp16, auto (the run's)",
+}
+HINTS = {"model.path": "give the model with --model or --adapter",
+         "data.system": "a request sets its system prompt with a `system` message"}
 
 
 def configure(p) -> None:
@@ -13,21 +22,31 @@ def configure(p) -> None:
     p.add_argument("--max-queue", type=int, default=16, help="requests that may wait; more get 503 + Retry-After")
     p.add_argument("--max-tokens", type=int, default=512, help="default max_tokens of a request")
     p.add_argument("--device-map", default=None, help="`auto`: spread a large model over the visible GPUs")
-    p.add_argument("--template", help="override the template (default: the one the run used)")
+    p.add_argument("--template", help="override the template (default: the one the run used); = template=NAME")
+    p.add_argument("args", nargs="*", metavar="key=value", help="run-config overrides: " + ", ".join(KEYS))
+
+
+def load(args, log=print):
+    """The model to serve, loaded as the flags and `key=value` overrides say (a bad key fails before loading)."""
+    from chattune.commands import model_config
+    from chattune.inference import load_tuned
+
+    overrides = ([f"template={args.template}"] if args.template else []) + list(args.args)
+    _, _, kwargs = model_config("serve", args.adapter, args.model, overrides, KEYS, hints=HINTS, log=log)
+    return load_tuned(adapter=args.adapter, model=args.model, log=log, device_map=args.device_map, **kwargs)
 
 
 def run(args) -> int:
     import os
 
+    from chattune.log import log
+
+    tuned = load(args, log)
     import uvicorn
 
-    from chattune.inference import load_tuned
-    from chattune.log import log
     from chattune.serve.app import create_app, model_name
 
     key = args.api_key or os.environ.get("CHATTUNE_API_KEY") or None
-    tuned = load_tuned(adapter=args.adapter, model=args.model, template=args.template, log=log,
-                       device_map=args.device_map)
     app = create_app(tuned, api_key=key, max_queue=args.max_queue, default_max_tokens=args.max_tokens)
     log(f"serving {model_name(tuned)} on http://{args.host}:{args.port} (web chat at /, API at /v1)"
         + (", API key required" if key else ""))

@@ -6,7 +6,9 @@ own template (exactly as in training). Predictions are greedy and batched (gener
   `prediction`;
 - `metrics.json`: each metric, the sample count, generation seconds, generated tokens/s, peak memory.
 The teacher-forced `loss` metric scores every trained token of each record (all assistant turns, as in
-training) in one forward pass per batch; `perplexity` is exp(loss).
+training) in one forward pass per batch; `perplexity` is exp(loss). `chattune eval` encodes those records with the
+run's data settings (`data.max_length`, `data.truncation`, `data.train_on`, `data.system`: the run's config.yaml,
+changed by `key=value` overrides; see commands/eval.py).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from chattune.data.encode import IGNORE, encode_conversation, encode_pieces
+from chattune.data.encode import IGNORE, encode_conversations, encode_pieces
 from chattune.data.formats import Conversation, load_conversations
 from chattune.errors import DataError
 from chattune.evaluate.generate import generate_batch
@@ -58,8 +60,13 @@ def samples_from(conversations: list[Conversation]) -> list[Sample]:
     return out
 
 
-def load_samples(path: str, limit: int | None = None, fmt: str = "auto", split: str = "test") -> list[Sample]:
-    loaded = load_conversations(path, split=split, fmt=fmt)
+def load_samples(path: str, limit: int | None = None, fmt: str = "auto", split: str = "test",
+                 skip_invalid: bool = False, train_on: str = "all", default_system: str | None = None,
+                 log=None) -> list[Sample]:
+    loaded = load_conversations(path, split=split, fmt=fmt, skip_invalid=skip_invalid, train_on=train_on,
+                                default_system=default_system)
+    for line in loaded.skip_report() if log else []:
+        log(line)
     samples = samples_from(loaded.conversations)
     if not samples:
         raise DataError([f"{path}: no records with an assistant turn to score"])
@@ -68,15 +75,13 @@ def load_samples(path: str, limit: int | None = None, fmt: str = "auto", split: 
 
 @torch.no_grad()
 def teacher_forced_loss(model, tokenizer, template, conversations: list[Conversation], max_length: int = 4096,
-                        batch_size: int = 8) -> tuple[float, int]:
-    """Mean cross-entropy over the trained tokens of `conversations` (all assistant turns), and their count."""
+                        batch_size: int = 8, truncation: str = "right") -> tuple[float, int]:
+    """Mean cross-entropy over the trained tokens of `conversations` (all assistant turns), and their count.
+    Over-long conversations are cut (or dropped, or refused) by the `data.truncation` policy, as in training."""
     from chattune.data.collate import PaddingCollator
 
-    rows = []
-    for conv in conversations:
-        enc = encode_conversation(conv, template, tokenizer, max_length, "right")
-        if enc is not None:
-            rows.append({"input_ids": enc.input_ids, "labels": enc.labels})
+    rows = [{"input_ids": enc.input_ids, "labels": enc.labels}
+            for enc in encode_conversations(conversations, template, tokenizer, max_length, truncation)]
     collate = PaddingCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
     device = next(model.parameters()).device
     was_training = model.training
@@ -96,9 +101,10 @@ def teacher_forced_loss(model, tokenizer, template, conversations: list[Conversa
 
 
 def score(model, tokenizer, template, samples: list[Sample], metric_names: list[str], max_new_tokens: int = 256,
-          batch_size: int = 8, progress=None) -> EvalResult:
+          batch_size: int = 8, progress=None, max_length: int = 4096, truncation: str = "right") -> EvalResult:
     """Generate for `samples` (if a generation metric is asked for) and compute the metrics. The building block of
-    `chattune eval`, evaluation during training and `compare`."""
+    `chattune eval`, evaluation during training and `compare`. `max_length` / `truncation` apply to the loss
+    metric's records only; generation prompts are never cut."""
     metrics: dict = {"samples": len(samples)}
     predictions: list[dict] = []
     if any(m in GENERATION_METRICS for m in metric_names):
@@ -115,10 +121,13 @@ def score(model, tokenizer, template, samples: list[Sample], metric_names: list[
             predictions.append({"source": s.source, "prompt": tokenizer.decode(ids), "reference": s.reference,
                                 "prediction": g.text})
     if "loss" in metric_names:
-        loss, tokens = teacher_forced_loss(model, tokenizer, template, [s.full for s in samples],
-                                           batch_size=batch_size)
+        loss, tokens = teacher_forced_loss(model, tokenizer, template, [s.full for s in samples], max_length,
+                                           batch_size, truncation)
         metrics.update(loss=loss, perplexity=math.exp(loss) if loss < 50 else float("inf"), loss_tokens=tokens)
     return EvalResult(metrics, predictions)
+
+
+_PRECISION = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def default_out_dir(source: str, data: str) -> Path:
@@ -127,26 +136,37 @@ def default_out_dir(source: str, data: str) -> Path:
 
 def evaluate(adapter: str | None, model: str | None, data: str, metrics: str | list[str] = "rouge,bleu",
              batch_size: int = 8, max_new_tokens: int = 256, limit: int | None = None, out: str | None = None,
-             template: str | None = None, log=print) -> EvalResult:
+             template: str | None = None, log=print, data_config=None, trust_remote_code: bool | None = None,
+             dtype: torch.dtype = torch.float32) -> EvalResult:
+    """`data_config` (a config.DataConfig; `chattune eval` passes the run's, with its overrides) says how records
+    are read and, for the loss metric, encoded; `template`, `trust_remote_code`, `dtype` go to `load_tuned`."""
+    from chattune.config import DataConfig
     from chattune.hardware import device_type, peak_memory_mb, reset_peak_memory
     from chattune.inference import check_adapter, load_tuned
 
+    d = data_config or DataConfig()
     names = parse_metric_names(metrics)
     if adapter:
         check_adapter(adapter)
-    samples = load_samples(data, limit)  # bad data fails before the model loads
+    samples = load_samples(data, limit, d.format, skip_invalid=d.skip_invalid, train_on=d.train_on,
+                           default_system=d.system, log=log)  # bad data fails before the model loads
     device = device_type()
-    tuned = load_tuned(adapter=adapter, model=model, template=template, log=log)
+    tuned = load_tuned(adapter=adapter, model=model, template=template, trust_remote_code=trust_remote_code,
+                       dtype=dtype, log=log)
     reset_peak_memory(device)
-    log(f"eval: {len(samples)} samples from {data}; metrics: {', '.join(names)}")
-    bar = _progress_bar(len(samples))
+    log(f"eval: {len(samples)} samples from {data}; metrics: {', '.join(names)}"
+        + (f" (loss: data.max_length={d.max_length}, data.truncation={d.truncation})" if "loss" in names else ""))
+    bar = _progress_bar(len(samples)) if any(m in GENERATION_METRICS for m in names) else None
     result = score(tuned.model, tuned.tokenizer, tuned.template, samples, names, max_new_tokens, batch_size,
-                   progress=bar.update if bar else None)
+                   progress=bar.update if bar else None, max_length=d.max_length, truncation=d.truncation)
     if bar:
         bar.close()
     result.metrics["peak_memory_mb"] = round(peak_memory_mb(device), 1)
     result.metrics.update(data=str(data), model=tuned.source, device=device, batch_size=batch_size,
-                          max_new_tokens=max_new_tokens)
+                          max_new_tokens=max_new_tokens, template=tuned.template.name,
+                          precision=_PRECISION.get(dtype, str(dtype)))
+    if "loss" in names:
+        result.metrics.update(max_length=d.max_length, truncation=d.truncation)
     out_dir = Path(out) if out else default_out_dir(tuned.source, data)
     out_dir.mkdir(parents=True, exist_ok=True)
     if result.predictions:
