@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -204,45 +205,130 @@ def test_second_ctrl_c_exits_at_once_without_a_pickable_half_checkpoint(tiny, tm
 # ---------------------------------------------------------------- SIGKILL at random moments
 
 
+RESUMED = re.compile(r"^resuming from (.+) \(step (\d+)\)$", re.M)
+
+
+def _resumed_step(log: Path) -> int | None:
+    """The step this attempt resumed from, once its stderr says so (0: no complete checkpoint, a fresh start)."""
+    text = log.read_text(errors="replace")
+    if m := RESUMED.search(text):
+        assert Path(m.group(1)).name == outputs.checkpoint_name(int(m.group(2))), m.group(0)
+        return int(m.group(2))
+    return 0 if "resume=auto: no complete checkpoint in" in text else None
+
+
+def _new_steps(out: Path, after: int, since_ns: int) -> list[int]:
+    """Steps past `after` in metrics.jsonl, counted only once this attempt wrote the file (a killed attempt leaves
+    lines that the next one cuts back or removes at its start)."""
+    path = out / outputs.METRICS_FILE
+    try:
+        if path.stat().st_mtime_ns < since_ns:
+            return []
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    steps = []
+    for line in lines:
+        try:
+            steps.append(json.loads(line)["step"])
+        except (ValueError, KeyError):
+            continue  # a line being written
+    return [s for s in steps if s > after]
+
+
+def _being_written(out: Path, after: int, since_ns: int) -> Path | None:
+    """A checkpoint folder past step `after` without its completion marker, holding a file written since
+    `since_ns` (by this attempt: a half-written folder left by an earlier kill is only counted once rewritten)."""
+    for folder in out.glob("checkpoint-*"):
+        try:
+            if int(folder.name.rsplit("-", 1)[1]) > after and not (folder / outputs.MARKER).exists() and \
+                    any(f.stat().st_mtime_ns >= since_ns for f in folder.iterdir()):
+                return folder
+        except (ValueError, OSError):  # rotation removed it meanwhile
+            continue
+    return None
+
+
+def _poll(proc, log: Path, found, what: str, every: float = 0.01, timeout: float = 180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (value := found()) is not None:
+            return value
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended (code {proc.returncode}) before {what}: "
+                                 f"{log.read_text(errors='replace')[-2000:]}")
+        time.sleep(every)
+    raise AssertionError(f"no {what} within {timeout}s")
+
+
 def test_random_kills_resume_from_the_last_complete_checkpoint_exactly(tiny, tmp_path):
-    """At least 10 SIGKILLs at random moments of a run that checkpoints every step (so many land while a
-    checkpoint is being written); after each, resume=auto continues from the last complete checkpoint, and the
-    finished run's losses equal an uninterrupted run's. Bounded: at most 20 attempts and 5 minutes."""
-    steps = ["train.max_steps=60", "train.save_steps=1", "train.save_total_limit=3"]
+    """SIGKILLs at seeded-random moments of a run that checkpoints every step, until at least 10 have landed while
+    the killed process was training and at least 1 while it was writing a checkpoint. Each attempt is killed only
+    once it has resumed and logged a step of its own; about a third of the kills wait for a checkpoint folder that
+    has no completion marker yet, the rest land at a random moment within the next step and its save. After each
+    kill the newest complete checkpoint is noted, and the next `resume=auto` must resume from exactly it; the
+    finished run's per-step losses equal an uninterrupted run's. Bounded: at most 20 attempts, 10 minutes."""
+    total = 20
+    steps = [f"train.max_steps={total}", "train.save_steps=1", "train.save_total_limit=3"]
     full = tmp_path / "full"
-    assert subprocess.run(cli(tiny, full, *steps), capture_output=True, timeout=600).returncode == 0
+    ref = subprocess.run(cli(tiny, full, *steps), capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    done = re.search(r"done: (\d+) steps in ([\d.]+)s", ref.stderr)
+    cycle = float(done.group(2)) / int(done.group(1))  # seconds per step with its checkpoint save
     out = tmp_path / "run"
     rng = random.Random(1234)
-    kills = attempts = 0
-    half_written: set[str] = set()
-    deadline = time.time() + 300
+    newest = 0  # the newest complete checkpoint when the next attempt starts (0: none yet)
+    kills: list[dict] = []
+    resumed_from: list[int] = []
     finished = False
-    while not finished and attempts < 20 and time.time() < deadline:
-        attempts += 1
-        proc = subprocess.Popen(cli(tiny, out, *steps, "resume=auto"), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
-        if kills < 10:
-            try:
-                _wait_for_training(proc, out, timeout=120) if not (out / "metrics.jsonl").exists() else None
-            except AssertionError:
-                pass
-            time.sleep(rng.uniform(0.0, 0.6))
+    deadline = time.time() + 600
+    for attempt in range(1, 21):
+        log = tmp_path / f"attempt-{attempt}.log"
+        started = time.time_ns()
+        with log.open("w") as err:
+            proc = subprocess.Popen(cli(tiny, out, *steps, "resume=auto"), stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            resumed = _poll(proc, log, lambda: _resumed_step(log), "a resume line")
+            assert resumed == newest, (f"attempt {attempt} resumed from step {resumed}; the newest complete "
+                                       f"checkpoint after the kill was {newest}")
+            resumed_from.append(resumed)
+            landed = [k for k in kills if k["training"]]
+            if len(landed) >= 10 and any(k["write"] for k in landed) or time.time() > deadline:
+                assert proc.wait(timeout=600) == 0, log.read_text(errors="replace")[-2000:]
+                finished = True
+                break
+            assert resumed <= total - 3, "the run came too close to its end before enough kills"
+            # this process is training: it has logged a step past the one it resumed from
+            _poll(proc, log, lambda: _new_steps(out, resumed, started) or None, "a step of this attempt")
+            at_write = rng.random() < 0.3 or (len(landed) >= 9 and not any(k["write"] for k in landed))
+            if at_write:  # kill as soon as a checkpoint folder of this attempt is there without its marker
+                past = resumed + rng.randint(0, 1)
+                _poll(proc, log, lambda: _being_written(out, past, started), "a checkpoint write", every=0.002)
+            else:  # a random moment of the next step and its save (at the latest when it is logged)
+                t0, delay = time.time(), rng.uniform(0.0, 1.5 * cycle)
+                _poll(proc, log, lambda: time.time() - t0 >= delay or
+                      max(_new_steps(out, resumed, started), default=0) >= resumed + 2 or None, "the kill moment")
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=60)
+            newest = max((s for s, _ in outputs.complete_checkpoints(out)), default=0)
+            kills.append({"aimed_at_write": at_write, "resumed": resumed, "newest": newest,
+                          "training": proc.returncode == -signal.SIGKILL and newest < total,
+                          "write": _being_written(out, resumed, started) is not None})
+        finally:
             if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait(timeout=60)
-                kills += 1
-                done = {p for _, p in outputs.complete_checkpoints(out)}
-                half_written |= {p.name for p in out.glob("checkpoint-*") if p not in done}
-                continue
-        _, stderr = proc.communicate(timeout=600)
-        assert proc.returncode == 0, stderr[-2000:]
-        finished = True
-    assert finished and kills >= 10, (kills, attempts)
+                proc.kill()
+                proc.wait()
+    landed = [k for k in kills if k["training"]]
+    writes = sum(k["write"] for k in landed)
+    print(f"\nreliability: {len(kills)} SIGKILLs in {attempt} attempts; {len(landed)} landed while training, "
+          f"{writes} of them during a checkpoint write (a checkpoint folder without its marker left behind) and "
+          f"{len(landed) - writes} outside one; each resume=auto continued from the newest complete checkpoint "
+          f"(steps {resumed_from})")
+    assert finished and len(landed) >= 10 and writes >= 1, kills
     a, b = losses(full), losses(out)
-    assert sorted(b) == sorted(a) == list(range(1, 61))
+    assert sorted(b) == sorted(a) == list(range(1, total + 1))
     assert all(b[s] == pytest.approx(a[s], abs=1e-6) for s in a), "losses after kills differ"
-    print(f"\nreliability: {kills} SIGKILLs survived ({len(half_written)} left a half-written checkpoint behind); "
-          "final losses equal the uninterrupted run's")
+    print(f"reliability: after {len(landed)} kills the finished run's {total} losses equal the uninterrupted run's")
 
 
 # ---------------------------------------------------------------- contradictions refused before any work
