@@ -27,22 +27,62 @@ def check_fsdp(cfg, device: str) -> None:
 
 
 def check_deepspeed(cfg, device: str) -> None:
-    """`train.deepspeed=FILE`: the file (a path or a shipped config's name) must exist and be JSON, DeepSpeed must
-    be installed, and a GPU present."""
+    """`train.deepspeed=FILE`: the file (a path or a shipped config's name) must exist and be JSON, and DeepSpeed
+    must be installed. DeepSpeed runs on CUDA GPUs and, through its CPU accelerator (gloo without Intel's oneCCL),
+    on CPU; there it JIT-compiles its CPU ops on first use, which needs ninja and a C++ compiler. A single process
+    with no launcher gets the one-process rendezvous environment DeepSpeed needs (see `single_process_env`)."""
     path = cfg.train.deepspeed
     if not path:
         return
     p = resolve_deepspeed_config(path)
     try:
-        json.loads(p.read_text(encoding="utf-8"))
+        ds = json.loads(p.read_text(encoding="utf-8"))
     except ValueError as e:
         raise MethodError(f"train.deepspeed={path}: not valid JSON: {e}") from None
     if importlib.util.find_spec("deepspeed") is None:
         raise MethodError("train.deepspeed is set but DeepSpeed is not installed: pip install 'chattune[deepspeed]' "
                           "(or drop train.deepspeed to train without it)")
-    if device != "cuda":
-        raise MethodError("train.deepspeed needs CUDA GPUs and this machine has none; drop train.deepspeed to "
-                          "train on CPU")
+    if device not in ("cuda", "cpu"):
+        raise MethodError(f"train.deepspeed runs on CUDA GPUs or on CPU, not on {device}; drop train.deepspeed")
+    if device == "cpu":
+        missing = missing_cpu_op_tools()
+        if missing:
+            zero = ds.get("zero_optimization") or {}
+            offload = any((zero.get(k) or {}).get("device") in ("cpu", "nvme")
+                          for k in ("offload_optimizer", "offload_param"))
+            ops = "its shared-memory allreduce op" + (" and the CPU Adam op (offload)" if offload else "")
+            raise MethodError(f"train.deepspeed on CPU: DeepSpeed compiles {ops} on first use and needs "
+                              f"{' and '.join(missing)}, which this machine lacks: pip install ninja / install g++ "
+                              "(or drop train.deepspeed: `chattune train --nproc N` trains data-parallel on CPU)")
+    single_process_env()
+
+
+def missing_cpu_op_tools() -> list[str]:
+    """What DeepSpeed's JIT build of its CPU ops (torch.utils.cpp_extension) needs and this machine lacks."""
+    import shutil
+
+    from torch.utils.cpp_extension import is_ninja_available
+
+    missing = [] if is_ninja_available() else ["ninja"]
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        missing.append("a C++ compiler (c++ / $CXX)")
+    return missing
+
+
+def single_process_env() -> None:
+    """DeepSpeed always initializes a process group; started without a launcher (no WORLD_SIZE) it would look for
+    MPI (mpi4py) instead. Give a plain `chattune train` the one-process rendezvous DeepSpeed's docs set for a
+    notebook: rank 0 of 1 on a free local port. Launchers' (torchrun, deepspeed) variables are left as they are."""
+    if "WORLD_SIZE" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                       ("MASTER_PORT", str(port))):
+        os.environ.setdefault(key, value)
 
 
 def resolve_shipped_json(path: str, key: str) -> Path:
