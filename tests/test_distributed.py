@@ -76,3 +76,23 @@ def test_lora_with_gradient_checkpointing_under_ddp(tiny, tmp_path):
     train(tiny, ckpt, "train.gradient_checkpointing=true", nproc=2)
     for x, y in zip(rows(plain), rows(ckpt)):  # recomputing activations changes nothing but memory
         assert y["loss"] == pytest.approx(x["loss"], abs=1e-5)
+
+
+@pytest.mark.parametrize("argv", [["--local_rank=1", "estimate"], ["--local-rank", "1", "estimate"],
+                                  ["estimate", "--local_rank=1"], ["estimate", "--local-rank=1"]])
+def test_cli_takes_the_deepspeed_launchers_local_rank(argv, tmp_path, monkeypatch, capsys):
+    """`deepspeed --module chattune train ...` runs `python -m chattune --local_rank=N train ...` in each process:
+    the argument is consumed (LOCAL_RANK, which chattune reads, is set from it when the launcher did not)."""
+    from chattune.cli import drop_local_rank, main
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    model = make_tiny_llama(tmp_path / "m")
+    capsys.readouterr()  # (what importing the libraries printed)
+    assert main([*argv, f"model={model / 'config.json'}", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["params"]["base"] > 0
+    import os
+
+    assert os.environ["LOCAL_RANK"] == "1"
+    assert drop_local_rank(["--local_rank=0", "train", "a=b", "--", "--local_rank=3"]) == ["train", "a=b", "--",
+                                                                                          "--local_rank=3"]
+    assert drop_local_rank(["train", "--local-rank", "2", "x=1"]) == ["train", "x=1"]

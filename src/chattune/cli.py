@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from chattune import __version__
@@ -26,9 +27,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def drop_local_rank(argv: list[str]) -> list[str]:
+    """Remove the `--local_rank=N` (`--local-rank N`, ...) that the `deepspeed` launcher (and torch's legacy
+    launcher) passes to every process; LOCAL_RANK in the environment says the same and is what chattune reads, so
+    it is set from the argument when a launcher did not set it."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":
+            out += argv[i:]
+            break
+        name, eq, value = a.partition("=")
+        if name in ("--local_rank", "--local-rank"):
+            if not eq and i + 1 < len(argv) and argv[i + 1].strip().isdigit():
+                i += 1
+                value = argv[i]
+            if value.strip().isdigit():
+                os.environ.setdefault("LOCAL_RANK", value.strip())
+        else:
+            out.append(a)
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(drop_local_rank(sys.argv[1:] if argv is None else list(argv)))
     if extra:  # key=value overrides after --flags (`estimate --gpus 8 train.batch_size=1`) belong to `args`
         if not hasattr(args, "args") or any(e.startswith("-") or "=" not in e for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
