@@ -62,6 +62,56 @@ def test_zero_terms_are_deepspeeds_own():
     assert e2.terms["model states (ZeRO-2: weights, gradients, optimizer)"] == gpu2
 
 
+ZERO3 = "model states (ZeRO-3: weights, gradients, optimizer)"
+ZERO2 = "model states (ZeRO-2: weights, gradients, optimizer)"
+
+
+def test_zero_terms_count_only_trainable_parameters_as_trained():
+    """LoRA under ZeRO: DeepSpeed's estimator for the adapters alone; the frozen bf16 base adds 2 bytes per
+    parameter, partitioned over the GPUs under ZeRO-3 and whole on each under ZeRO-2."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    e3 = est("model=glm-4-9b-chat", "method=lora", "train.deepspeed=ds_zero3.json", gpus=8)
+    p = e3.params
+    frozen = p["total"] - p["trainable"]
+    assert frozen == p["base"] and p["trainable"] < p["base"] / 100
+    _, adapters, _ = estimate_zero3_model_states_mem_needs(p["trainable"], p["largest_layer"], 8, 1, False, False,
+                                                           True, 1.5)
+    assert e3.terms[ZERO3] == adapters + int(2 * frozen / 8)
+    full3 = est("model=glm-4-9b-chat", "method=full", "train.deepspeed=ds_zero3.json", gpus=8)
+    assert e3.terms[ZERO3] < full3.terms[ZERO3] / 6  # 2 bytes per frozen weight against 18 (+ one layer buffer)
+
+    e2 = est("model=glm-4-9b-chat", "method=lora", "train.deepspeed=ds_zero2.json", gpus=8)
+    _, adapters2 = estimate_zero2_model_states_mem_needs(p["trainable"], 8, 1, False, 1.5)
+    assert e2.terms[ZERO2] == adapters2 + 2 * frozen
+    # Freeze: the trained top layers get ZeRO's full treatment, the frozen rest only its 16-bit weights
+    fr = est("model=glm-4-9b-chat", "method=freeze", "freeze.trainable_layers=2", "train.deepspeed=ds_zero3.json",
+             gpus=8)
+    _, trained, _ = estimate_zero3_model_states_mem_needs(fr.params["trainable"], fr.params["largest_layer"], 8, 1,
+                                                          False, False, True, 1.5)
+    assert fr.terms[ZERO3] == trained + int(2 * (fr.params["total"] - fr.params["trainable"]) / 8)
+
+
+def test_zero3_offload_keeps_frozen_weights_off_the_gpu():
+    pytest.importorskip("deepspeed")
+    on = est("model=glm-4-9b-chat", "method=lora", "train.deepspeed=ds_zero3.json", gpus=8)
+    off = est("model=glm-4-9b-chat", "method=lora", "train.deepspeed=ds_zero3_offload.json", gpus=8)
+    assert off.terms[ZERO3] == 4 * off.params["largest_layer"] < on.terms[ZERO3]
+
+
+def test_lora_dropout_activations_come_from_the_adapted_layers():
+    """The method's hook counts, per token and layer, a mask and a dropped-out input for each adapted layer."""
+    base = ["model=glm-4-9b-chat", "data.max_length=1024", "train.batch_size=1", "lora.target=[q_proj,k_proj,v_proj]"]
+    no_dropout = est(*base, "lora.dropout=0", gpus=1)
+    dropout = est(*base, "lora.dropout=0.1", gpus=1)
+    hidden, layers = 4096, 40
+    extra = 1024 * layers * 2 * (3 * hidden) * 2  # tokens x layers x (mask + input) x 3 inputs of 4096 x bf16
+    assert dropout.terms["activations"] - no_dropout.terms["activations"] == extra
+    assert est(*base, "method=prefix", gpus=1).terms["activations"] == no_dropout.terms["activations"]
+
+
 def test_checkpointing_and_label_only_logits_shrink_their_terms():
     base = ["model=glm-4-9b-chat", "data.max_length=1024", "train.batch_size=1"]
     plain = est(*base, gpus=1)

@@ -8,9 +8,10 @@ docs/estimate.md):
   code: ChatGLM, GLM-4, TransNormerLLM) are built as the native architecture of the same shapes (see
   `stand_in_config`).
 - ZeRO-2/3 model states: DeepSpeed's own estimators (`estimate_zero2/3_model_states_mem_needs`) where DeepSpeed is
-  installed, else the same formulas.
-- activations (per method, with and without gradient checkpointing), logits, LoRA/prefix/freeze subsets and the
-  runtime overhead: chattune's terms; none of the libraries above estimates them.
+  installed, else the same formulas, for the method's trainable parameters; its frozen ones add their weights
+  only (whole under ZeRO-2, partitioned under ZeRO-3).
+- activations (per method, with and without gradient checkpointing; the method's own modules add
+  `Method.extra_activations`), logits, LoRA/prefix/freeze subsets and the runtime overhead: chattune's terms; none of the libraries above estimates them.
 """
 
 from __future__ import annotations
@@ -201,10 +202,12 @@ def estimate(cfg, gpus: int | None = None, gpu_memory: int | None = None, log=pr
     terms = {"weights": int(weight_bytes), "trainable weights (fp32 adapters)": adapter * 4,
              "gradients (fp32)": trainable * 4, "optimizer states (AdamW, fp32 m and v)": trainable * 8}
     if zero:
-        terms = _zero_terms(zero, base_total, largest_layer_params, n, t.deepspeed, notes)
+        frozen_bytes = weight_bytes / base_total if bits else act_bytes  # DeepSpeed keeps them 16-bit
+        terms = _zero_terms(zero, trainable, total - trainable, frozen_bytes, largest_layer_params, n, t.deepspeed,
+                            notes)
 
     tokens = t.batch_size * cfg.data.max_length
-    per_token_layer = _activation_bytes_per_token_layer(d, cfg, method, act_bytes)
+    per_token_layer = _activation_bytes_per_token_layer(d, model, cfg, method, act_bytes)
     without = tokens * backward_layers * per_token_layer
     with_ckpt = tokens * backward_layers * d["hidden"] * act_bytes + tokens * per_token_layer * min(1, backward_layers)
     terms["activations" + (" (gradient checkpointing)" if t.gradient_checkpointing else "")] = \
@@ -228,19 +231,15 @@ def _this_device() -> str:
     return device_type()
 
 
-def _activation_bytes_per_token_layer(d: dict, cfg, method, act_bytes: int) -> float:
+def _activation_bytes_per_token_layer(d: dict, model, cfg, method, act_bytes: int) -> float:
     """Bytes one decoder layer keeps per token for the backward pass (Llama-style block): the two norm inputs in
     fp32 (transformers' RMSNorm/LayerNorm compute in fp32), q/k/v, rotated q/k, the attention output, and in the
     gated MLP gate, up, act(gate) and their product. Adapter methods keep the same (input gradients must flow
-    through every frozen layer); LoRA with dropout also keeps each adapted layer's dropped-out input."""
+    through every frozen layer); the method adds what its own modules keep (`Method.extra_activations`: LoRA
+    with dropout keeps each adapted layer's mask and dropped-out input)."""
     h, kv, q, i = d["hidden"], d["kv"], d["q"], d["inter"]
     elems = (q + 2 * kv) + (q + kv) + q + 4 * i
-    per = 2 * h * 4 + elems * act_bytes
-    if cfg.method in ("lora", "qlora") and cfg.lora.dropout > 0:
-        # each adapted layer's own dropout keeps its mask and its dropped-out input (the q, k, v, o, gate, up and
-        # down inputs); with dropout 0 peft uses Identity and the adapter shares the layer's saved input
-        per += 2 * (3 * h + q + 2 * h + i) * act_bytes
-    return per
+    return 2 * h * 4 + (elems + method.extra_activations(model, cfg)) * act_bytes
 
 
 def _layers_with_backward(model) -> int:
@@ -271,13 +270,23 @@ def _zero_stage(path: str | None) -> int:
     return int(json.loads(resolve_deepspeed_config(path).read_text())["zero_optimization"]["stage"])
 
 
-def _zero_terms(stage: int, total_params: int, largest_layer: int, n: int, ds_path: str, notes: list) -> dict:
-    """Model states per GPU under ZeRO (full fine-tuning, mixed precision): DeepSpeed's own estimator."""
+def _zero_terms(stage: int, trainable: int, frozen: int, frozen_bytes: float, largest_layer: int, n: int,
+                ds_path: str, notes: list) -> dict:
+    """Model states per GPU under ZeRO, mixed precision. DeepSpeed's own estimators take every parameter as
+    trained, so they get the trainable ones: their 16-bit weights and gradients and the fp32 master weights and
+    AdamW moments (partitioned as the stage says). Frozen parameters (a LoRA/prefix base, Freeze's lower layers)
+    get no gradient and no optimizer state; they are stored once at `frozen_bytes` each (16-bit, or the quantized
+    size): whole on every GPU under ZeRO-2, partitioned over the GPUs under ZeRO-3, in CPU memory with
+    `offload_param`."""
     import contextlib
     import io
     import logging
 
-    offload = "offload" in Path(ds_path).name
+    from chattune.methods.common import resolve_deepspeed_config
+
+    zero = json.loads(resolve_deepspeed_config(ds_path).read_text()).get("zero_optimization") or {}
+    offload_opt = (zero.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme")
+    offload_param = (zero.get("offload_param") or {}).get("device") in ("cpu", "nvme")
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     quiet = contextlib.redirect_stdout(io.StringIO())  # (the estimators print their own table)
     try:
@@ -285,21 +294,31 @@ def _zero_terms(stage: int, total_params: int, largest_layer: int, n: int, ds_pa
             from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
             with quiet:
-                _, gpu, _ = estimate_zero3_model_states_mem_needs(total_params, largest_layer, n, 1, offload,
-                                                                  offload, True, 1.5)
+                _, gpu, _ = estimate_zero3_model_states_mem_needs(trainable, largest_layer, n, 1, offload_opt,
+                                                                  offload_param, True, 1.5)
         else:
             from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
             with quiet:
-                _, gpu = estimate_zero2_model_states_mem_needs(total_params, n, 1, offload, 1.5)
-        notes.append(f"ZeRO-{stage} model states from DeepSpeed's estimator")
-    except ImportError:  # the same formulas as DeepSpeed's estimators
+                _, gpu = estimate_zero2_model_states_mem_needs(trainable, n, 1, offload_opt, 1.5)
+        how = "DeepSpeed's estimator"
+    except ImportError:  # the same formulas as DeepSpeed 0.19's estimators
         if stage == 3:
-            gpu = 4 * largest_layer + (0 if offload else int(18 * total_params / n))
+            gpu = 4 * largest_layer + (0 if offload_opt and offload_param else
+                                       int(2 * trainable / n) if offload_opt else int(18 * trainable / n))
         else:
-            gpu = 2 * total_params if offload else 4 * total_params + int(16 * total_params / n)
-        notes.append(f"ZeRO-{stage} model states by DeepSpeed's formulas (DeepSpeed not installed)")
-    return {f"model states (ZeRO-{stage}: weights, gradients, optimizer)": int(gpu)}
+            gpu = 2 * trainable if offload_opt else 2 * trainable + int(18 * trainable / n)
+        how = "DeepSpeed's formulas (DeepSpeed not installed)"
+    if stage == 3:
+        frozen_gpu = 0 if offload_param else int(frozen * frozen_bytes / n)
+    else:
+        frozen_gpu = int(frozen * frozen_bytes)
+    notes.append(f"ZeRO-{stage} model states of the {trainable:,} trainable parameters from {how}"
+                 + (f"; {frozen:,} frozen parameters: weights only, "
+                    + ("in CPU memory (offload_param)" if stage == 3 and offload_param else
+                       f"partitioned over {n} GPUs" if stage == 3 else "whole on every GPU")
+                    if frozen else ""))
+    return {f"model states (ZeRO-{stage}: weights, gradients, optimizer)": int(gpu) + frozen_gpu}
 
 
 # ---------------------------------------------------------------- output

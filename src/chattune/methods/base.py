@@ -30,7 +30,13 @@ class Method:
     - `load_kwargs(cfg, dtype)`: extra `from_pretrained` arguments (quantization);
     - `apply(model, cfg) -> model`: wrap/freeze the base model so that only the method's parameters train;
     - `base_weight_bits(cfg)`: bits per stored base weight when the method quantizes it (None: the load dtype's);
-      the first of the memory terms the estimator reads from the method.
+    - `extra_activations(model, cfg)`: elements per token and decoder layer the method's own modules keep for the
+      backward pass on top of the base layer's (LoRA's dropout: mask and dropped-out input of each adapted layer);
+      `model` is the method-applied model (on the meta device in `chattune estimate`).
+    The last two are the memory terms `chattune estimate` reads from the method.
+
+    `preflight` also checks train.deepspeed / train.fsdp (common.py) and, for DeepSpeed started without a
+    launcher, sets the one-process rendezvous environment DeepSpeed needs.
     """
 
     name: ClassVar[str] = ""
@@ -55,6 +61,9 @@ class Method:
 
     def base_weight_bits(self, cfg: Any) -> int | None:
         return None
+
+    def extra_activations(self, model: Any, cfg: Any) -> int:
+        return 0
 
     def __repr__(self) -> str:
         return f"<method {self.name}>"

@@ -81,5 +81,20 @@ class LoRA(Method):
     def base_weight_bits(self, cfg) -> int | None:
         return 8 if cfg.model.load_in_8bit else None
 
+    def extra_activations(self, model, cfg) -> int:
+        """Each adapted layer's own dropout keeps its mask and its dropped-out input (in_features elements each,
+        per token) for backward; with dropout 0 peft uses Identity and the adapter shares the layer's saved input.
+        Counted on one decoder layer of the peft model (they are alike)."""
+        import torch
+
+        from chattune.methods.freeze import decoder_layers
+
+        if cfg.lora.dropout <= 0:
+            return 0
+        _, layers = decoder_layers(model)
+        return sum(2 * module.in_features for module in layers[0].modules()
+                   if hasattr(module, "lora_dropout") and hasattr(module, "in_features")
+                   and any(isinstance(d, torch.nn.Dropout) for d in module.lora_dropout.values()))
+
 
 METHOD = LoRA()
