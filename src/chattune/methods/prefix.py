@@ -103,7 +103,7 @@ class PrefixTuning(Method):
 
         model_type = getattr(model.config, "model_type", "")
         if not getattr(model, "_supports_cache_class", True) or not _uses_cache(model):
-            raise MethodError(f"method=prefix needs a model that takes a key/value cache (past_key_values); "
+            raise MethodError(f"method=prefix needs a model that takes a key/value cache (`cache` / `past_key_values`); "
                               f"{model_type or type(model).__name__} does not: use method=lora")
         peft_model = get_peft_model(model, prefix_config(model, cfg))
         if cfg.prefix.projection:
@@ -115,12 +115,15 @@ METHOD = PrefixTuning()
 
 
 def _uses_cache(model) -> bool:
+    """Whether the model's forward takes a key/value cache: `cache` since transformers 5.24, `past_key_values`
+    before (and in remote-code models)."""
     import inspect
 
     try:
-        return "past_key_values" in inspect.signature(model.forward).parameters
+        parameters = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return False
+    return "cache" in parameters or "past_key_values" in parameters
 
 
 def _keep_encoder_on_save(peft_model) -> None:
