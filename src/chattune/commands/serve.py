@@ -20,6 +20,8 @@ def configure(p) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (or env CHATTUNE_API_KEY)")
     p.add_argument("--max-queue", type=int, default=16, help="requests that may wait; more get 503 + Retry-After")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="requests decoded together (continuous batching); 1: one at a time")
     p.add_argument("--max-tokens", type=int, default=512, help="default max_tokens of a request")
     p.add_argument("--device-map", default=None, help="`auto`: spread a large model over the visible GPUs")
     p.add_argument("--template", help="override the template (default: the one the run used); = template=NAME")
@@ -47,8 +49,16 @@ def run(args) -> int:
     from chattune.serve.app import create_app, model_name
 
     key = args.api_key or os.environ.get("CHATTUNE_API_KEY") or None
-    app = create_app(tuned, api_key=key, max_queue=args.max_queue, default_max_tokens=args.max_tokens)
-    log(f"serving {model_name(tuned)} on http://{args.host}:{args.port} (web chat at /, API at /v1)"
+    if args.max_batch < 1:
+        from chattune.errors import ConfigError
+
+        raise ConfigError(f"--max-batch {args.max_batch}: must be at least 1 (1 serves one request at a time)")
+    app = create_app(tuned, api_key=key, max_queue=args.max_queue, default_max_tokens=args.max_tokens,
+                     max_batch=args.max_batch)
+    worker = app.state.worker
+    batching = (f"continuous batching of up to {worker.max_batch} requests" if worker.batching else
+                "one request at a time" + (" (this model cannot be batched exactly)" if worker.max_batch > 1 else ""))
+    log(f"serving {model_name(tuned)} on http://{args.host}:{args.port} (web chat at /, API at /v1; {batching})"
         + (", API key required" if key else ""))
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

@@ -40,9 +40,10 @@ def trim_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
-def create_app(tuned, api_key: str | None = None, max_queue: int = 16, default_max_tokens: int = 512):
+def create_app(tuned, api_key: str | None = None, max_queue: int = 16, default_max_tokens: int = 512,
+               max_batch: int = 8):
     app = FastAPI(title="chattune serve", docs_url=None, redoc_url=None)
-    worker = Worker(tuned, max_queue)
+    worker = Worker(tuned, max_queue, max_batch)
     name = model_name(tuned)
     ctx = context_length(tuned.model)
     app.state.worker = worker
@@ -66,7 +67,8 @@ def create_app(tuned, api_key: str | None = None, max_queue: int = 16, default_m
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": name, "queued": worker.jobs.qsize(), "busy": worker.busy.is_set()}
+        return {"status": "ok", "model": name, "queued": worker.waiting, "busy": worker.busy.is_set(),
+                "batching": worker.batching, "largest_batch": worker.largest_batch}
 
     @app.get("/v1/models")
     async def models(request: Request):

@@ -1,23 +1,29 @@
-"""The generation worker: one thread owns the model and runs one request at a time from a bounded queue.
+"""The generation worker: one thread owns the model and serves the requests of a bounded queue.
 
 A full queue is refused at once (the API answers 503 with Retry-After) rather than letting requests pile up. Each
-job carries a cancel flag that a StoppingCriteria checks after every token, so a client that disconnects frees
-the worker within a token; a job cancelled while still queued is never started. Generated text reaches the
-request's event loop piece by piece through `loop.call_soon_threadsafe`.
+job carries a cancel flag that is checked after every token, so a client that disconnects frees its place within
+a token; a job cancelled while still queued is never started. Generated text reaches the request's event loop
+piece by piece through `loop.call_soon_threadsafe`.
 
-Batching several waiting requests into one generate call is not done here: requests differ in sampling settings,
-stop strings and lengths, and one-at-a-time keeps every answer exactly what it would be alone.
+Up to `max_batch` requests decode together (serve/engine.py: continuous batching, each row with its own sampling
+settings, stop rules and length; newcomers join a running batch). That is used only where the worker's start-up
+check finds batched logits equal to one-at-a-time ones on the loaded model; otherwise, and with `max_batch=1`,
+requests run one at a time through transformers' `generate`. A request that samples with a `seed` runs alone,
+so the same request and seed give the same answer whatever else is being served.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import queue
 import threading
 from dataclasses import dataclass, field
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
+
+from chattune.serve.engine import Batch, Sampling, batching_is_exact, prefill
 
 
 @dataclass
@@ -34,6 +40,16 @@ class Job:
 
     def emit(self, kind: str, value) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+
+    @property
+    def solo(self) -> bool:
+        """Seeded sampling runs alone: batched logits differ from lone ones by float noise, which could change a
+        sampled token, and a seed promises the same answer every time."""
+        return self.temperature > 0 and self.seed is not None
+
+    def result(self, new: list[int], text: str, hit_stop: bool) -> dict:
+        return {"text": text, "completion_tokens": len(new), "prompt_tokens": len(self.prompt_ids),
+                "stopped": hit_stop or len(new) < self.max_new_tokens, "cancelled": self.cancel.is_set()}
 
 
 class _Cancelled(StoppingCriteria):
@@ -56,11 +72,45 @@ class _Pieces(TextStreamer):
             self.job.emit("text", text)
 
 
+class _Row:
+    """One request decoding in the batch: its tokens so far, how it samples, and whether it has ended."""
+
+    def __init__(self, job: Job, tokenizer, stop_ids: list[int], repetition_penalty: float):
+        self.job, self.tokenizer, self.stop_ids = job, tokenizer, stop_ids
+        self.sampling = Sampling(job.temperature, job.top_p, job.seed, repetition_penalty)
+        self.streamer = _Pieces(tokenizer, job)
+        self.streamer.put(torch.tensor(job.prompt_ids))  # the prompt, which the streamer skips
+        self.new: list[int] = []
+        self.result: dict | None = None
+
+    def take(self, logits: torch.Tensor) -> None:
+        """Choose the next token from this row's logits [V]; set `result` when the answer is complete."""
+        token = self.sampling.choose(logits, self.job.prompt_ids + self.new)
+        self.new.append(token)
+        self.streamer.put(torch.tensor([token]))
+        hit_stop, text = token in self.stop_ids, None
+        if not hit_stop and self.job.stop:
+            text = self.tokenizer.decode(self.new, skip_special_tokens=True)
+            hit_stop = any(s in text for s in self.job.stop)
+        if hit_stop or len(self.new) >= self.job.max_new_tokens or self.job.cancel.is_set():
+            self.streamer.end()
+            if text is None:
+                text = self.tokenizer.decode(self.new, skip_special_tokens=True)
+            self.result = self.job.result(self.new, text, hit_stop)
+
+
 class Worker:
-    def __init__(self, tuned, max_queue: int = 16):
+    def __init__(self, tuned, max_queue: int = 16, max_batch: int = 8):
         self.tuned = tuned
         self.jobs: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
+        self.deferred: collections.deque[Job] = collections.deque()  # solo jobs taken from the queue, not yet run
         self.busy = threading.Event()
+        self.max_batch = max(1, max_batch)
+        t = tuned
+        self.pad_id = t.tokenizer.pad_token_id if t.tokenizer.pad_token_id is not None else t.stop_ids[0]
+        # Decided before the first request, on the loaded model (a fraction of a second on small models).
+        self.batching = self.max_batch > 1 and batching_is_exact(t.model, self.pad_id)
+        self.largest_batch = 0  # the most requests decoded together so far (reported by /health)
         self.thread = threading.Thread(target=self._run, name="chattune-generate", daemon=True)
         self.thread.start()
 
@@ -68,9 +118,85 @@ class Worker:
         """Queue a job; raises queue.Full when max_queue jobs are already waiting."""
         self.jobs.put_nowait(job)
 
+    @property
+    def waiting(self) -> int:
+        return self.jobs.qsize() + len(self.deferred)
+
     def _run(self) -> None:
+        if self.batching:
+            self._run_batched(self.pad_id)
+        else:
+            self._run_one_at_a_time()
+
+    def _next_jobs(self, running: int) -> list[Job]:
+        """Jobs to start now (blocking while nothing runs): deferred solo jobs first, then the queue; a solo job
+        starts only into an empty batch, and nothing joins it."""
+        taken: list[Job] = []
+        while running + len(taken) < self.max_batch:
+            idle = not (running or taken)
+            if self.deferred and idle:
+                job = self.deferred.popleft()
+            else:
+                try:
+                    job = self.jobs.get() if idle else self.jobs.get_nowait()
+                except queue.Empty:
+                    break
+            if job.cancel.is_set():
+                continue
+            if job.solo and not idle:
+                self.deferred.append(job)
+                continue
+            taken.append(job)
+            if job.solo:
+                break
+        return taken
+
+    @torch.inference_mode()
+    def _run_batched(self, pad_id: int) -> None:
+        t = self.tuned
+        model, stop_ids = t.model, t.stop_ids
+        penalty = float(getattr(getattr(model, "generation_config", None), "repetition_penalty", None) or 1.0)
+        rows: list[_Row] = []
+        batch: Batch | None = None
         while True:
-            job = self.jobs.get()
+            newcomers = [] if any(r.job.solo for r in rows) else self._next_jobs(len(rows))
+            try:
+                if newcomers:
+                    self.busy.set()
+                    logits, cache, mask = prefill(model, [j.prompt_ids for j in newcomers], pad_id)
+                    fresh = Batch.start(cache, mask)
+                    if batch is None:
+                        batch = fresh
+                    else:
+                        batch.merge(fresh)
+                    for job, row_logits in zip(newcomers, logits):
+                        rows.append(_Row(job, t.tokenizer, stop_ids, penalty))
+                        rows[-1].take(row_logits)
+                    newcomers = []
+                    self.largest_batch = max(self.largest_batch, len(rows))
+                going = [i for i, r in enumerate(rows) if r.result is None]
+                if len(going) < len(rows):
+                    for r in rows:
+                        if r.result is not None:
+                            r.job.emit("done", r.result)
+                    rows = [rows[i] for i in going]
+                    if rows:
+                        batch.keep(going)
+                if not rows:
+                    batch = None
+                    self.busy.clear()
+                    continue
+                for r, row_logits in zip(rows, batch.step(model, [r.new[-1] for r in rows])):
+                    r.take(row_logits)
+            except Exception as e:  # noqa: BLE001 - reported to every request in the batch; the worker lives on
+                for job in [r.job for r in rows if r.result is None] + newcomers:
+                    job.emit("error", e)
+                rows, batch = [], None
+                self.busy.clear()
+
+    def _run_one_at_a_time(self) -> None:
+        while True:
+            job = self.deferred.popleft() if self.deferred else self.jobs.get()
             if job.cancel.is_set():
                 continue
             self.busy.set()
@@ -100,7 +226,4 @@ class Worker:
         with torch.no_grad():
             out = t.model.generate(**kwargs)
         new = out[0, ids.shape[1]:].tolist()
-        hit_stop = bool(new) and new[-1] in stop_ids
-        text = t.tokenizer.decode(new, skip_special_tokens=True)
-        return {"text": text, "completion_tokens": len(new), "prompt_tokens": len(job.prompt_ids),
-                "stopped": hit_stop or len(new) < job.max_new_tokens, "cancelled": job.cancel.is_set()}
+        return job.result(new, t.tokenizer.decode(new, skip_special_tokens=True), bool(new) and new[-1] in stop_ids)

@@ -1,0 +1,194 @@
+"""Continuous batching for `chattune serve`: every waiting request decodes in one forward pass per token.
+
+Why by hand: transformers' `generate` runs one fixed batch to its end, with one set of sampling settings and stop
+rules for all rows, and no row can join once it has started. A server needs the opposite: requests arrive at any
+moment, each with its own temperature, top_p, seed, stop strings and max_tokens, and any may be cancelled. On a
+CPU a small model's decode step is bound by reading its weights, so eight rows cost little more than one: batching
+is what turns one stream's rate into several times that in aggregate.
+
+How: each request is a row. A newcomer's prompt is prefilled (with the other newcomers of that moment, left-padded)
+into a KV cache of its own, then merged into the running batch's cache, left-padding whichever side is shorter;
+the 2-D attention mask hides every padded slot and position ids are kept per row, so each row computes what it
+would alone. A finished row leaves the batch at once; columns that only hold padding are trimmed. The greedy
+tokens of a batch equal one-at-a-time decoding wherever `batching_is_exact` says so, which the worker checks on the
+loaded model at start-up (and falls back to one request at a time otherwise, e.g. for P-tuning v2 prefixes, which
+peft injects as its own cache, or remote-code models with caches of their own).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+
+def _cache_argument(model) -> str:
+    """transformers 5.x renamed the forward argument `past_key_values` to `cache` (the old name warns, then goes)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+
+
+def _forward(model, ids, mask, positions, cache):
+    """Next-token logits [B, V] for the last position of each row; `cache` (a DynamicCache) grows in place."""
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                **{_cache_argument(model): cache})
+    return out.logits[:, -1, :].float(), cache
+
+
+def prefill(model, prompts: list[list[int]], pad_id: int):
+    """Left-padded prompts through the model: (next-token logits [n, V], cache, attention mask [n, T])."""
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, device=device)
+        mask[i, width - len(p):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits, cache = _forward(model, ids, mask, positions, DynamicCache())
+    return logits, cache, mask
+
+
+def _plain_layers(cache) -> list[DynamicLayer]:
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        raise TypeError(f"{type(cache).__name__} is not a plain dynamic cache")
+    return layers
+
+
+def _pad_left(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    if n == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = n
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+@dataclass
+class Batch:
+    """The running rows' shared state: cache, attention mask [B, T], next position id per row [B]."""
+    cache: object
+    mask: torch.Tensor
+    positions: torch.Tensor
+
+    @classmethod
+    def start(cls, cache, mask):
+        return cls(cache, mask, mask.sum(-1))
+
+    @property
+    def size(self) -> int:
+        return self.mask.shape[0]
+
+    def merge(self, other: "Batch") -> None:
+        """Append `other`'s rows after this batch's, left-padding the shorter side."""
+        a, b = self.mask.shape[1], other.mask.shape[1]
+        for mine, theirs in zip(_plain_layers(self.cache), _plain_layers(other.cache)):
+            mine.keys = torch.cat([_pad_left(mine.keys, max(0, b - a), 2), _pad_left(theirs.keys, max(0, a - b), 2)])
+            mine.values = torch.cat([_pad_left(mine.values, max(0, b - a), 2),
+                                     _pad_left(theirs.values, max(0, a - b), 2)])
+        self.mask = torch.cat([_pad_left(self.mask, max(0, b - a), 1), _pad_left(other.mask, max(0, a - b), 1)])
+        self.positions = torch.cat([self.positions, other.positions])
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only `rows`, then drop the leading columns that are padding in every remaining row."""
+        index = torch.tensor(rows, device=self.mask.device)
+        self.mask, self.positions = self.mask[index], self.positions[index]
+        used = self.mask.any(0).nonzero()
+        start = int(used[0]) if len(used) else self.mask.shape[1]
+        self.mask = self.mask[:, start:]
+        for layer in _plain_layers(self.cache):
+            layer.keys, layer.values = layer.keys[index, :, start:], layer.values[index, :, start:]
+
+    def step(self, model, tokens: list[int]) -> torch.Tensor:
+        """Feed each row its latest token; returns the next-token logits [B, V]."""
+        device = self.mask.device
+        ids = torch.tensor(tokens, device=device).unsqueeze(1)
+        self.mask = torch.cat([self.mask, self.mask.new_ones((self.size, 1))], dim=1)
+        logits, self.cache = _forward(model, ids, self.mask, self.positions.unsqueeze(1), self.cache)
+        self.positions = self.positions + 1
+        return logits
+
+
+@dataclass
+class Sampling:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    generator: torch.Generator | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.temperature > 0 and self.seed is not None:
+            self.generator = torch.Generator().manual_seed(self.seed)
+
+    def choose(self, logits: torch.Tensor, seen: list[int]) -> int:
+        """The next token from one row's logits [V] (`seen`: prompt and answer so far, for the repetition penalty)."""
+        if self.repetition_penalty != 1.0 and seen:  # as transformers' RepetitionPenaltyLogitsProcessor
+            index = torch.tensor(sorted(set(seen)), device=logits.device)
+            picked = logits[index]
+            logits = logits.clone()
+            logits[index] = torch.where(picked < 0, picked * self.repetition_penalty, picked / self.repetition_penalty)
+        if self.temperature <= 0:
+            return int(logits.argmax())
+        probs = F.softmax(logits / self.temperature, dim=-1)
+        if self.top_p < 1.0:  # nucleus: the smallest set of tokens whose probability reaches top_p
+            sorted_probs, order = probs.sort(descending=True)
+            outside = sorted_probs.cumsum(-1) - sorted_probs >= self.top_p
+            sorted_probs[outside] = 0
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        return int(torch.multinomial(probs.cpu(), 1, generator=self.generator))
+
+
+def _decode_alone(model, prompt: list[int], pad_id: int, steps: int) -> torch.Tensor:
+    logits, cache, mask = prefill(model, [prompt], pad_id)
+    batch, rows = Batch.start(cache, mask), [logits[0]]
+    for _ in range(steps):
+        rows.append(batch.step(model, [int(rows[-1].argmax())])[0])
+    return torch.stack(rows)
+
+
+def _generate_alone(model, prompt: list[int], pad_id: int, steps: int) -> list[int]:
+    """transformers' own greedy decoding of `prompt`, the reference the engine must reproduce."""
+    ids = torch.tensor([prompt], device=next(model.parameters()).device)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps + 1,
+                         min_new_tokens=steps + 1, do_sample=False, temperature=None, top_p=None, top_k=None,
+                         repetition_penalty=1.0, pad_token_id=pad_id)
+    return out[0, len(prompt):].tolist()
+
+
+@torch.inference_mode()
+def batching_is_exact(model, pad_id: int, steps: int = 3) -> bool:
+    """The engine reproduces transformers' greedy decoding, and two prompts of different lengths decoded together
+    give the logits each gives alone (to float noise) — with a row joining a running batch and staying on after the
+    other leaves. Checked once per loaded model; False for anything the engine cannot drive."""
+    config = getattr(model, "active_peft_config", None)
+    if config is not None and getattr(config, "is_prompt_learning", False):
+        return False  # P-tuning v2: peft supplies the prefix as the model's cache on every forward
+    first, second = [5, 9, 13, 17, 21, 25, 29], [7, 11]
+    try:
+        expected = [_decode_alone(model, first, pad_id, steps), _decode_alone(model, second, pad_id, steps + 1)]
+        if expected[0].argmax(-1).tolist() != _generate_alone(model, first, pad_id, steps):
+            return False
+        logits, cache, mask = prefill(model, [first], pad_id)  # the first row runs, the second joins it
+        batch = Batch.start(cache, mask)
+        joined, cache2, mask2 = prefill(model, [second], pad_id)
+        batch.merge(Batch.start(cache2, mask2))
+        rows = [[logits[0]], [joined[0]]]
+        for _ in range(steps):
+            out = batch.step(model, [int(r[-1].argmax()) for r in rows])
+            for r, row in enumerate(rows):
+                row.append(out[r])
+        batch.keep([1])  # the first row leaves; the second goes on alone
+        rows[1].append(batch.step(model, [int(rows[1][-1].argmax())])[0])
+    except Exception:  # noqa: BLE001 - any model this cannot drive is served one request at a time
+        return False
+    for got, want in zip(rows, expected):
+        got = torch.stack(got)
+        if got.shape != want.shape or not torch.allclose(got, want, atol=1e-3, rtol=1e-3) \
+                or not torch.equal(got.argmax(-1), want.argmax(-1)):
+            return False
+    return True
