@@ -143,3 +143,21 @@ def test_eval_loss_during_training(tiny, tmp_path):
     evals = [r for r in metrics(out) if "eval_loss" in r]
     assert [r["step"] for r in evals] == [2, 4]
     assert all(r["eval_loss"] > 0 for r in evals) and evals[1]["eval_loss"] < evals[0]["eval_loss"]
+
+
+def test_terminal_shows_one_progress_bar_and_no_log_dicts(tiny, tmp_path):
+    """`chattune train` writes per step only its progress bar (step, time left, loss, tokens/s); the Trainer's raw
+    log dicts never reach the terminal (metrics.jsonl holds them)."""
+    import subprocess
+    import sys
+
+    model, data = tiny
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "chattune", "train", f"model={model}", f"data.train={data}",
+                           f"output_dir={out}", "train.precision=fp32", "train.logging_steps=1", "train.max_steps=4",
+                           "train.batch_size=4"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    terminal = proc.stdout + proc.stderr
+    assert "tok/s=" in terminal and "loss=" in terminal and "4/4" in terminal
+    assert "{'loss'" not in terminal and "'train_runtime'" not in terminal and "{'eval_loss'" not in terminal
+    assert len(metrics(out)) == 4

@@ -22,6 +22,7 @@ class MetricsCallback(TrainerCallback):
         self.path = Path(path)
         self.lr = None
         self.window_start = time.perf_counter()
+        self.last: dict = {}  # the latest training line, for the progress bar
 
     def on_train_begin(self, args, state, control, **kw):
         self.window_start = time.perf_counter()
@@ -54,6 +55,8 @@ class MetricsCallback(TrainerCallback):
             record.update({k: v for k, v in logs.items() if k.startswith("eval_")})
         else:
             return
+        if "loss" in record:
+            self.last = record
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
@@ -131,8 +134,17 @@ class InterruptCallback(TrainerCallback):
 
 
 class QuietProgressCallback(ProgressCallback):
-    """transformers' progress bar, with the latest loss in the bar instead of a printed dict per log step."""
+    """transformers' progress bar (step, elapsed, time left), with the latest loss and real tokens/s in the bar
+    instead of a printed dict per log step; nothing else reaches the terminal per step (metrics.jsonl has it all)."""
+
+    def __init__(self, metrics: MetricsCallback | None = None):
+        super().__init__()
+        self.metrics = metrics
 
     def on_log(self, args, state, control, logs=None, **kw):
         if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
-            self.training_bar.set_postfix(loss=f"{float(logs['loss']):.4f}", refresh=False)
+            shown = {"loss": f"{float(logs['loss']):.4f}"}
+            rate = (self.metrics.last if self.metrics is not None else {}).get("tokens_per_s")
+            if rate is not None:
+                shown["tok/s"] = f"{rate:.0f}"
+            self.training_bar.set_postfix(shown, refresh=False)

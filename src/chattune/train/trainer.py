@@ -565,10 +565,13 @@ def build_trainer(run: PreparedRun, args: TrainingArguments, options: TrainOptio
                               warmup_ratio=t.warmup_ratio, on_nan=t.on_nan, save_total_limit=t.save_total_limit,
                               generation_eval=(run.tokenizer, run.template, run.eval_samples, t.eval_metrics,
                                                t.eval_max_new_tokens) if run.eval_samples else None)
-    trainer.pop_callback(PrinterCallback)  # (non-main ranks print raw log dicts otherwise)
-    if trainer.pop_callback(ProgressCallback) is not None or not is_main_process():
-        trainer.add_callback(QuietProgressCallback())
-    trainer.add_callback(MetricsCallback(trainer.accounting, run.output_dir / outputs.METRICS_FILE))
+    # One progress bar and no printed log dicts, whatever transformers chose (it picks PrinterCallback, which
+    # prints raw dicts, when its logger is quieter than WARNING — as chattune sets it).
+    trainer.pop_callback(PrinterCallback)
+    trainer.pop_callback(ProgressCallback)
+    metrics = MetricsCallback(trainer.accounting, run.output_dir / outputs.METRICS_FILE)
+    trainer.add_callback(metrics)  # before the bar, which shows its latest tokens/s
+    trainer.add_callback(QuietProgressCallback(metrics))  # (draws on rank 0 only)
     trainer.add_callback(NanGuardCallback(trainer.accounting, log))
     trainer.add_callback(InterruptCallback())
     if t.stop_after:
