@@ -112,6 +112,20 @@ def test_lora_dropout_activations_come_from_the_adapted_layers():
     assert est(*base, "method=prefix", gpus=1).terms["activations"] == no_dropout.terms["activations"]
 
 
+def test_quantized_base_counts_the_linear_weights_only_and_inference_counts_the_adapter():
+    """bitsandbytes quantizes the linear layers' weights; ChatGLM-6B's tied 130528 x 4096 embedding/head stays
+    unquantized (fp32 after peft's k-bit preparation for training, 16-bit at inference)."""
+    q4 = est("model=chatglm-6b", "method=qlora", "qlora.double_quant=false", "lora.target=[query_key_value]", gpus=1)
+    linear = 28 * (4096 * 12288 + 4096 * 4096 + 2 * 4096 * 16384)
+    rest = q4.params["base"] - linear
+    assert 130528 * 4096 < rest < 130528 * 4096 + 2e6  # + biases and norms
+    assert q4.terms["weights"] == int(linear * 4.5 / 8 + rest * 4)
+    # P-tuning v2 with projection: its ~1B-parameter prefix encoder is loaded for inference too
+    pt = est("model=chatglm-6b", "method=prefix", "prefix.projection=true", "prefix.projection_hidden=4096", gpus=1)
+    plain = est("model=chatglm-6b", "method=lora", "lora.target=[query_key_value]", gpus=1)
+    assert pt.inference_bytes - plain.inference_bytes == 2 * (pt.params["trainable"] - plain.params["trainable"])
+
+
 def test_checkpointing_and_label_only_logits_shrink_their_terms():
     base = ["model=glm-4-9b-chat", "data.max_length=1024", "train.batch_size=1"]
     plain = est(*base, gpus=1)

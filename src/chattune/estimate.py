@@ -172,6 +172,7 @@ def estimate(cfg, gpus: int | None = None, gpu_memory: int | None = None, log=pr
     method = get_method(cfg.method)
     model = meta_model(config)
     base_total = sum(p.numel() for p in model.parameters())
+    quantized = _quantizable_weights(model)
     _, largest_layer = decoder_layers(model)
     largest_layer_params = sum(p.numel() for p in largest_layer[0].parameters())
     model = method.apply(model, cfg)
@@ -192,8 +193,14 @@ def estimate(cfg, gpus: int | None = None, gpu_memory: int | None = None, log=pr
     # weights: quantized base, fp32 master weights for methods that train them, else the training precision
     bits = method.base_weight_bits(cfg)
     if bits:
-        weight_bytes = base_total * (bits / 8 + (0.127 / 8 if bits == 4 and cfg.qlora.double_quant else 0.5 / 8))
-        notes.append(f"base weights quantized to {bits} bits (+ quantization constants)")
+        # bitsandbytes quantizes the linear layers' weights, not the head, embeddings, norms or biases; peft's k-bit
+        # preparation then casts those to fp32 for training (16-bit at inference). 4-bit constants add 0.5 bit per
+        # weight (an fp32 absmax per 64), 0.127 with double quantization; LLM.int8 keeps one fp32 scale per row.
+        constants = (0.127 if cfg.qlora.double_quant else 0.5) if bits == 4 else 0
+        quantized_bytes = quantized * (bits + constants) / 8
+        weight_bytes = quantized_bytes + (base_total - quantized) * 4
+        notes.append(f"base weights: {quantized:,} linear-layer weights quantized to {bits} bits (+ constants), "
+                     f"the other {base_total - quantized:,} parameters fp32 (peft's k-bit preparation)")
     elif method.trains_base_weights:
         weight_bytes = base_total * 4
     else:
@@ -214,15 +221,27 @@ def estimate(cfg, gpus: int | None = None, gpu_memory: int | None = None, log=pr
         int(with_ckpt if t.gradient_checkpointing else without)
     terms["logits"] = int(_logits_bytes(tokens, d["vocab"], t.label_only_logits, act_bytes))
     terms["runtime overhead"] = CUDA_OVERHEAD if device == "cuda" else CPU_OVERHEAD
-    # inference: weights at the load precision (the trained dtype, or the quantized base) + a KV cache of one
-    # max_length sequence + overhead
-    infer_weights = weight_bytes if bits else base_total * 2 if device == "cuda" else base_total * 4
+    # inference: weights at the load precision (the trained dtype, or the quantized base), the adapter loaded with
+    # them (P-tuning v2's prefix encoder with projection is ~1B parameters), a KV cache of one max_length sequence,
+    # the overhead
+    infer_weights = quantized_bytes + (base_total - quantized) * 2 if bits else \
+        base_total * 2 if device == "cuda" else base_total * 4
+    infer_weights += adapter * (2 if device == "cuda" else 4)
     kv_cache = 2 * d["layers"] * d["kv"] * cfg.data.max_length * act_bytes
     inference = int(infer_weights + kv_cache + terms["runtime overhead"])
     params = {"base": base_total, "trainable": trainable, "total": total,
               "trainable_percent": round(100 * trainable / total, 4), "largest_layer": largest_layer_params}
     return Estimate(source, cfg.method, device, n, precision, params, terms, int(without), int(with_ckpt), inference,
                     notes, gpu_memory)
+
+
+def _quantizable_weights(model) -> int:
+    """Weights bitsandbytes quantizes when a base is loaded in 4 or 8 bits: every linear layer's weight matrix but
+    the output head's (transformers keeps the head, and with it a tied embedding, in 16 bits)."""
+    import torch
+
+    head = model.get_output_embeddings()
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
 
 
 def _this_device() -> str:
