@@ -85,7 +85,8 @@ def test_cli_takes_the_deepspeed_launchers_local_rank(argv, tmp_path, monkeypatc
     the argument is consumed (LOCAL_RANK, which chattune reads, is set from it when the launcher did not)."""
     from chattune.cli import drop_local_rank, main
 
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "unset")  # absent during the test and after it
+    monkeypatch.delenv("LOCAL_RANK")
     model = make_tiny_llama(tmp_path / "m")
     capsys.readouterr()  # (what importing the libraries printed)
     assert main([*argv, f"model={model / 'config.json'}", "--json"]) == 0

@@ -57,8 +57,9 @@ def test_deepspeed_on_cpu_passes_preflight_with_a_one_process_rendezvous(monkeyp
     pytest.importorskip("deepspeed")
     from chattune.methods import common
 
-    for key in RENDEZVOUS:
-        monkeypatch.delenv(key, raising=False)  # (restored after the test)
+    for key in RENDEZVOUS:  # absent during the test and after it (setenv first, so the removal is undone)
+        monkeypatch.setenv(key, "unset")
+        monkeypatch.delenv(key)
     monkeypatch.setattr(common, "missing_cpu_op_tools", lambda: [])
     cfg = load_config(None, ["method=full", "train.deepspeed=ds_zero3.json"])
     get_method(cfg.method).preflight(cfg, "cpu")
