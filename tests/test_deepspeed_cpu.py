@@ -129,10 +129,6 @@ def test_deepspeed_launcher_line_runs_two_cpu_processes(tiny, tmp_path):
     assert torch.isfinite(logits(model)).all()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="train/trainer.py save_final() returns early on ranks other than 0, but ZeRO-3's "
-                          "gather on save is a collective: rank 0 then fails in all_gather ('Connection closed by "
-                          "peer'). Fix: call trainer.save_model() on every rank when DeepSpeed is on.")
 def test_zero3_two_processes_gather_the_weights_on_save(tiny, tmp_path):
     out = tmp_path / "two"
     train(tiny, out, "full", "train.deepspeed=ds_zero3.json", nproc=2)

@@ -381,18 +381,6 @@ def test_deepspeed_configs_are_valid_json_with_auto_values():
             assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
 
 
-def test_deepspeed_on_cpu_is_a_clear_error(tiny, tmp_path):
-    from chattune.shipped import SHIPPED_CONFIGS
-
-    _, model, data = tiny
-    cfg = load_config(None, [f"model={model}", f"data.train={data}", f"output_dir={tmp_path / 'out'}",
-                             "method=full", f"train.deepspeed={SHIPPED_CONFIGS / 'ds_zero2.json'}"])
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
-    with pytest.raises(MethodError, match="DeepSpeed|deepspeed"):
-        train(cfg, log=lambda m: None)
-
-
 @pytest.mark.parametrize("name", ["ptuning_v2", "freeze", "sft", "qlora", "lora"])
 def test_shipped_configs_load(name):
     cfg = load_config(name)

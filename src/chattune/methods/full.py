@@ -4,7 +4,7 @@ Memory: AdamW keeps two fp32 moments per weight, so full tuning needs about 16 b
 gradients, moments) before activations. For models that do not fit one GPU, pass a DeepSpeed config:
 `train.deepspeed=ds_zero2.json` (shards optimizer state and gradients) or `ds_zero3.json` (shards the weights
 too); `ds_zero3_offload.json` also moves them to CPU memory (shipped configs; a path to your own works too).
-Launch several GPUs with `deepspeed --num_gpus N -m chattune train ...` or `torchrun`.
+Launch several GPUs with `deepspeed --num_gpus N --module chattune train ...` or `torchrun`.
 """
 
 from __future__ import annotations

@@ -707,6 +707,8 @@ def save_final(trainer: Trainer, run: PreparedRun) -> None:
     from chattune.data.jinja import write_generation_config, write_template_files
 
     if not trainer.args.should_save:
+        if trainer.is_deepspeed_enabled:  # ZeRO-3 gathers the weights on save: every rank must take part
+            trainer.save_model(None)  # (only rank 0 writes; the Trainer's default output_dir is never used here)
         return
     out = run.output_dir
     tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=out))
