@@ -1,5 +1,5 @@
-"""Bad models, every failure explained: broken copies of the tiny model through `chattune train`, `chattune chat`
-and `chattune data inspect`. Each must exit with code 2 and print one message that names the path and the fix,
+"""Bad models, every failure explained: broken copies of the tiny model through `chattune train`, `chattune chat`,
+`chattune eval`, `chattune serve` and `chattune data inspect`. Each must exit with code 2 and print one message that names the path and the fix,
 with no traceback and no output_dir. The counts are printed at the end of the test output."""
 
 import json
@@ -180,6 +180,26 @@ def test_data_inspect_needs_only_config_and_tokenizer(setup, capsys, case):
     else:  # the weights are not read to inspect data
         assert rc == 0 and "1 valid records" in out
         TRIED["data inspect: fine without usable weights"] += 1
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_eval_explains_a_bad_model(setup, capsys, tmp_path, case):
+    _, data, cases = setup
+    model, message, _ = cases[case]
+    rc = main(["eval", "--model", model, "--data", str(data), "--metrics", "exact", "--out", str(tmp_path / "ev")])
+    out, err = capsys.readouterr()
+    assert rc == 2 and error_message(err) == message
+    assert not (tmp_path / "ev").exists()
+    TRIED["chattune eval: exit 2, exact message, nothing written"] += 1
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_serve_explains_a_bad_model_before_listening(setup, capsys, case):
+    model, message, _ = setup[2][case]
+    rc = main(["serve", "--model", model, "--port", "1"])  # fails while loading: port 1 is never bound
+    _, err = capsys.readouterr()
+    assert rc == 2 and error_message(err) == message
+    TRIED["chattune serve: exit 2, exact message"] += 1
 
 
 def test_a_complete_safetensors_file_passes_the_check(setup):
