@@ -17,6 +17,7 @@ peft injects as its own cache, or remote-code models with caches of their own).
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass, field
 
@@ -27,9 +28,14 @@ from transformers.cache_utils import DynamicLayer
 
 
 def _cache_argument(model) -> str:
-    """transformers 5.x renamed the forward argument `past_key_values` to `cache` (the old name warns, then goes)."""
+    """transformers 5.24 renamed the forward argument `past_key_values` to `cache` (the old name warns, then goes)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+    return _cache_argument_of(type(base))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_argument_of(model_class) -> str:  # read once per class, not at every token
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def _forward(model, ids, mask, positions, cache):
