@@ -41,18 +41,17 @@ def load(args, log=print):
 def run(args) -> int:
     import os
 
+    from chattune.errors import ConfigError
     from chattune.log import log
 
+    if args.max_batch < 1:  # before the model loads
+        raise ConfigError(f"--max-batch {args.max_batch}: must be at least 1 (1 serves one request at a time)")
     tuned = load(args, log)
     import uvicorn
 
     from chattune.serve.app import create_app, model_name
 
     key = args.api_key or os.environ.get("CHATTUNE_API_KEY") or None
-    if args.max_batch < 1:
-        from chattune.errors import ConfigError
-
-        raise ConfigError(f"--max-batch {args.max_batch}: must be at least 1 (1 serves one request at a time)")
     app = create_app(tuned, api_key=key, max_queue=args.max_queue, default_max_tokens=args.max_tokens,
                      max_batch=args.max_batch)
     worker = app.state.worker

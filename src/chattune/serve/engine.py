@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from chattune.evaluate.generate import left_pad
+
 
 def _cache_argument(model) -> str:
     """transformers 5.24 renamed the forward argument `past_key_values` to `cache` (the old name warns, then goes)."""
@@ -47,13 +49,7 @@ def _forward(model, ids, mask, positions, cache):
 
 def prefill(model, prompts: list[list[int]], pad_id: int):
     """Left-padded prompts through the model: (next-token logits [n, V], cache, attention mask [n, T])."""
-    device = next(model.parameters()).device
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p, device=device)
-        mask[i, width - len(p):] = 1
+    ids, mask = left_pad(prompts, pad_id, next(model.parameters()).device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     logits, cache = _forward(model, ids, mask, positions, DynamicCache())
     return logits, cache, mask

@@ -85,7 +85,9 @@ class _Row:
 
     def take(self, logits: torch.Tensor) -> None:
         """Choose the next token from this row's logits [V]; set `result` when the answer is complete."""
-        token = self.sampling.choose(logits, self.job.prompt_ids + self.new)
+        # (the tokens seen so far only matter to a repetition penalty: no list is built per token otherwise)
+        seen = self.job.prompt_ids + self.new if self.sampling.repetition_penalty != 1.0 else []
+        token = self.sampling.choose(logits, seen)
         self.new.append(token)
         self.streamer.put(torch.tensor([token]))
         hit_stop, text = token in self.stop_ids, None
