@@ -78,3 +78,29 @@ def test_compare_config_errors_name_the_key(setup, tmp_path):
     bad.write_text(yaml.safe_dump(spec))
     r = chattune("compare", str(bad))
     assert r.returncode == 2 and "config key `variants`" in r.stderr
+
+
+def test_max_tokens_keeps_only_short_records_before_the_split(setup, tmp_path):
+    """`max_tokens` filters the records (rendered whole with the run's tokenizer and template) before `records`
+    and the split; a value that keeps fewer than two records is a clear error."""
+    from chattune.compare import load_spec, split_data
+    from chattune.errors import ConfigError
+
+    root, cfg = setup
+    rows = [{"instruction": f"extract {w}" + (" very long" * 300 if i % 3 == 0 else ""), "output": f"{w}_is_{w}"}
+            for i, w in enumerate(WORDS)]  # records 0, 3, 6, 9 are several hundred tokens long
+    spec_dict = yaml.safe_load(cfg.read_text())
+    spec_dict.update(train_data=str(write_jsonl(tmp_path / "mixed.jsonl", rows)), output_dir=str(tmp_path / "out"),
+                     max_tokens=200, records=7, test_split=0.3)
+    spec_file = tmp_path / "c.yaml"
+    spec_file.write_text(yaml.safe_dump(spec_dict))
+    logged = []
+    train_file, test_file = split_data(load_spec(str(spec_file), []), tmp_path / "out", logged.append)
+    kept = [WORDS[i] for i in range(len(WORDS)) if i % 3][:7]
+    read = lambda f: [json.loads(line)["output"].split("_")[0] for line in f.read_text().splitlines()]
+    assert read(train_file) == kept[:5] and read(test_file) == kept[5:]
+    assert "max_tokens=200: 8 of 12 records are that short" in logged[0]
+    spec_dict["max_tokens"] = 8
+    spec_file.write_text(yaml.safe_dump(spec_dict))
+    with pytest.raises(ConfigError, match="max_tokens=8 keeps 0 of 12 records"):
+        split_data(load_spec(str(spec_file), []), tmp_path / "out2", logged.append)

@@ -316,6 +316,7 @@ def _nothing_written(out: Path) -> bool:
     (["method=lora", "model.load_in_8bit=true"], r"load_in_8bit.*CUDA GPU.*method=lora"),
     (["method=prefix", "train.gradient_checkpointing=true"], r"gradient_checkpointing.*method=lora"),
     (["method=freeze", "model.load_in_8bit=true"], r"load_in_8bit"),
+    (["method=prefix", "prefix.init_text=hi", "prefix.projection=true"], r"init_text.*projection"),
 ])
 def test_impossible_combinations_fail_before_loading(tmp_path, overrides, match):
     if torch.cuda.is_available() and "qlora" in overrides[0]:
@@ -354,6 +355,31 @@ def test_freeze_pattern_that_matches_nothing_is_an_error(tiny):
     cfg = load_config(None, ["method=freeze", "freeze.trainable_modules=[nosuchlayer]"])
     with pytest.raises(MethodError, match="matches no parameter"):
         freeze.METHOD.apply(load_tuned(model=str(model)).model, cfg)
+
+
+@pytest.mark.parametrize("text,nvt", [("the cat sat", None), ("ab", 5)])
+def test_prefix_init_text_starts_as_the_base_model_with_that_text_in_front(tiny, text, nvt):
+    """prefix.init_text: before any training, the prefix model's logits on a prompt equal the base model's logits
+    on the text's tokens (repeated or cut to num_virtual_tokens) followed by the prompt."""
+    from chattune.methods.prefix import METHOD
+
+    _, model, _ = tiny
+    tokenizer = load_tuned(model=str(model)).tokenizer
+    text_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    n = nvt or len(text_ids)
+    prefix_ids = (text_ids * n)[:n]
+    cfg = load_config(None, ["method=prefix", f"prefix.num_virtual_tokens={n}", f"prefix.init_text={text}"])
+    base = load_tuned(model=str(model)).model
+    prompt = torch.tensor([[5, 9, 14, 3, 7, 22]])
+    with torch.no_grad():
+        want = base(input_ids=torch.cat([torch.tensor([prefix_ids]), prompt], dim=1)).logits[:, n:]
+        tuned = METHOD.apply(load_tuned(model=str(model)).model, cfg, tokenizer)
+        got = tuned(input_ids=prompt, attention_mask=torch.ones_like(prompt)).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    random = METHOD.apply(load_tuned(model=str(model)).model, load_config(None, ["method=prefix",
+                          f"prefix.num_virtual_tokens={n}"]), tokenizer)  # the peft default: not the same model
+    with torch.no_grad():
+        assert (random(input_ids=prompt, attention_mask=torch.ones_like(prompt)).logits - want).abs().max() > 1e-2
 
 
 def test_prefix_and_gradient_checkpointing_are_really_incompatible(tiny):

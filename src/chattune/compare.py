@@ -3,7 +3,8 @@ test set, and write the table users want (the ChatGLM-6B experiments' comparison
 
 The compare config (see configs/compare_spo.yaml):
     train_data: FILE            test_data: FILE | null (null: hold out the last `test_split` of train_data)
-    records: N | null           (only the first N records of train_data, before the split)
+    max_tokens: N | null        (only records of at most N tokens, rendered with the run's model and template)
+    records: N | null           (only the first N records of train_data that are kept, before the split)
     output_dir: DIR             shared: {run-config keys for every variant}
     eval: {metrics, max_new_tokens, batch_size, limit}
     variants: [{name, overrides: {run-config keys} | [key=value, ...]}, ...]
@@ -66,6 +67,7 @@ class CompareSpec(Section):
     train_data: str
     test_data: str | None = None
     test_split: float = Field(0.1, gt=0, lt=1)
+    max_tokens: int | None = Field(None, ge=8, description="keep only records of at most N tokens, whole")
     records: int | None = Field(None, ge=2, description="use only the first N records of train_data")
     output_dir: str = "runs/compare"
     shared: dict = Field(default_factory=dict)
@@ -80,7 +82,8 @@ def _flatten(mapping: dict, prefix: str = "") -> list[str]:
         if isinstance(value, dict):
             out += _flatten(value, f"{prefix}{key}.")
         else:  # a scalar dumps as "VALUE\n..." (YAML's end-of-document marker)
-            text = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+            text = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, width=10**9)
+            text = text.strip().removesuffix("...").strip()
             out.append(f"{prefix}{key}={text}")
     return out
 
@@ -116,7 +119,10 @@ def split_data(spec: CompareSpec, out: Path, log) -> tuple[Path, Path]:
     from chattune.data.formats import find_split, iter_raw_records
 
     source = find_split(spec.train_data, "train")
-    records = [rec for _, rec in iter_raw_records(source)][: spec.records]
+    records = [rec for _, rec in iter_raw_records(source)]
+    if spec.max_tokens:
+        records = short_records(spec, source, records, log)
+    records = records[: spec.records]
     n_test = max(1, round(len(records) * spec.test_split))
     data_dir = out / "data"
     train_file, test_file = data_dir / "train.jsonl", data_dir / "test.jsonl"
@@ -126,6 +132,33 @@ def split_data(spec: CompareSpec, out: Path, log) -> tuple[Path, Path]:
             outputs.atomic_write_text(file, text)
     log(f"compare: {source}: {len(records) - n_test} records to train on, the last {n_test} held out as the test set")
     return train_file, test_file
+
+
+def short_records(spec: CompareSpec, source: Path, records: list, log) -> list:
+    """The records whose whole conversation, rendered as the first variant trains it (its model's tokenizer, its
+    template, data.system and data.train_on), has at most `max_tokens` tokens. The same records are kept for every
+    variant: they share the model, so the choice does not depend on the method. Only the tokenizer is loaded."""
+    from chattune.config import load_config
+    from chattune.data.encode import encode_conversation
+    from chattune.data.formats import load_conversations
+    from chattune.data.inspect import stop_ids_from_folder
+    from chattune.data.templates import get_template
+    from chattune.models.load import load_tokenizer, model_type, resolve_model_path
+
+    cfg = load_config(None, variant_overrides(spec, spec.variants[0], [], source, Path(spec.output_dir)))
+    d = cfg.data
+    conversations = load_conversations(source, fmt=d.format, train_on=d.train_on,
+                                       default_system=d.system).conversations  # every record valid, in order
+    path = resolve_model_path(cfg.model.path, log)
+    tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
+    template = get_template(cfg.template, tokenizer, model_type(path), stop_ids_from_folder(path))
+    kept = [rec for rec, conv in zip(records, conversations)
+            if encode_conversation(conv, template, tokenizer, spec.max_tokens, "drop") is not None]
+    log(f"compare: max_tokens={spec.max_tokens}: {len(kept)} of {len(records)} records are that short")
+    if len(kept) < 2:
+        raise ConfigError(f"compare: max_tokens={spec.max_tokens} keeps {len(kept)} of {len(records)} records of "
+                          f"{source}; raise max_tokens (`chattune data inspect {source}` shows the lengths)")
+    return kept
 
 
 def _chattune(args: list[str], log) -> None:

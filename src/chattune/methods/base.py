@@ -56,7 +56,9 @@ class Method:
     def load_kwargs(self, cfg: Any, dtype: Any) -> dict:
         return {}
 
-    def apply(self, model: Any, cfg: Any) -> Any:
+    def apply(self, model: Any, cfg: Any, tokenizer: Any = None) -> Any:
+        """The model with the method applied. `tokenizer` is given in training (not by `estimate`, whose model
+        has no weights) for methods that initialise from text."""
         raise NotImplementedError
 
     def base_weight_bits(self, cfg: Any) -> int | None:

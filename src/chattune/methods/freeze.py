@@ -131,7 +131,7 @@ class Freeze(Method):
             layer_indices(layers, n_layers)
         super().preflight(cfg, device)
 
-    def apply(self, model, cfg):
+    def apply(self, model, cfg, tokenizer=None):
         chosen = set(select(model, cfg))
         params = list(model.named_parameters(remove_duplicate=False))
         trainable = {id(p) for n, p in params if n in chosen}

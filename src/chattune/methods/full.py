@@ -23,7 +23,7 @@ class Full(Method):
         refuse_8bit_base(cfg)
         super().preflight(cfg, device)
 
-    def apply(self, model, cfg):
+    def apply(self, model, cfg, tokenizer=None):
         for param in model.parameters():
             param.requires_grad_(True)
         return model

@@ -71,7 +71,7 @@ class LoRA(Method):
     def load_kwargs(self, cfg, dtype) -> dict:
         return quantization_kwargs(8, dtype) if cfg.model.load_in_8bit else {}
 
-    def apply(self, model, cfg):
+    def apply(self, model, cfg, tokenizer=None):
         from peft import get_peft_model
 
         if cfg.model.load_in_8bit:

@@ -1,7 +1,12 @@
 """P-tuning v2 (prefix tuning) through peft's `PrefixTuningConfig`.
 
 A trained key/value prefix of `prefix.num_virtual_tokens` positions is put in front of every attention layer;
-the base model stays frozen. With `prefix.projection=true` the prefix is produced by a small MLP (ChatGLM's
+the base model stays frozen. peft starts the prefix from random numbers, which at first disturbs every attention
+layer (on the bundled model the first losses are 3-4x the base model's). With `prefix.init_text`, the prefix
+starts as the key/values the frozen model computes for that text (its tokens repeated or cut to
+`num_virtual_tokens`): the tuned model begins exactly as the base model with that text in front of every prompt,
+and training moves on from there (Li & Liang's prefix-tuning paper initialises from real words' activations for
+the same reason). peft has no such option, hence the code here. With `prefix.projection=true` the prefix is produced by a small MLP (ChatGLM's
 P-tuning v2 `prefix_projection`), `prefix.projection_hidden` wide (default: the prefix width).
 
 Grouped-query attention: the prefix lives in the key/value cache, so its shape is that of the *key/value* heads
@@ -34,6 +39,7 @@ ENCODER_FILE = "prefix_encoder.safetensors"
 
 class PrefixConfig(Section):
     num_virtual_tokens: int = Field(16, ge=1)
+    init_text: str | None = Field(None, min_length=1, description="start the prefix as this text's key/values")
     projection: bool = False
     projection_hidden: int | None = Field(None, ge=1, description="hidden size of the projection MLP")
 
@@ -87,6 +93,9 @@ class PrefixTuning(Method):
     about = "P-tuning v2: a trained key/value prefix in every attention layer (peft)"
 
     def preflight(self, cfg, device: str) -> None:
+        if cfg.prefix.init_text and cfg.prefix.projection:
+            raise MethodError("prefix.init_text cannot be combined with prefix.projection=true: the projection MLP, "
+                              "not the prefix itself, is what trains there. Drop one of the two")
         if cfg.train.gradient_checkpointing:
             raise MethodError("method=prefix cannot be combined with train.gradient_checkpointing=true: "
                               "checkpointed decoder layers drop the key/value prefix, so it would not train. Set "
@@ -98,7 +107,7 @@ class PrefixTuning(Method):
                               "Drop data.packing=true (prefix tuning pads its batches)")
         super().preflight(cfg, device)
 
-    def apply(self, model, cfg):
+    def apply(self, model, cfg, tokenizer=None):
         from peft import get_peft_model
 
         model_type = getattr(model.config, "model_type", "")
@@ -106,12 +115,41 @@ class PrefixTuning(Method):
             raise MethodError(f"method=prefix needs a model that takes a key/value cache (`cache` / `past_key_values`); "
                               f"{model_type or type(model).__name__} does not: use method=lora")
         peft_model = get_peft_model(model, prefix_config(model, cfg))
+        if cfg.prefix.init_text and tokenizer is not None:
+            init_from_text(peft_model, tokenizer, cfg.prefix.init_text)
         if cfg.prefix.projection:
             _keep_encoder_on_save(peft_model)
         return peft_model
 
 
 METHOD = PrefixTuning()
+
+
+def init_from_text(peft_model, tokenizer, text: str) -> None:
+    """Set the prefix to the frozen model's key/values for `text` at positions 0..num_virtual_tokens-1.
+
+    peft lays the prefix out as one row per virtual token of (layers x [key, value] x kv heads x head dim), the
+    order in which `PeftModel.get_prompt` views and splits it back into each layer's (key, value)."""
+    import torch
+
+    config = peft_model.active_peft_config
+    n = config.num_virtual_tokens
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise MethodError(f"prefix.init_text={text!r} has no tokens; give some text or drop the key")
+    ids = (ids * (n // len(ids) + 1))[:n]
+    embedding = peft_model.prompt_encoder[peft_model.active_adapter].embedding
+    base = peft_model.get_base_model()
+    with torch.no_grad():  # the base model alone: no prefix yet
+        out = base(input_ids=torch.tensor([ids], device=embedding.weight.device), use_cache=True)
+    cache = out.past_key_values
+    layers = [(layer.keys, layer.values) for layer in cache.layers]
+    if len(layers) != config.num_layers:
+        raise MethodError(f"prefix.init_text: the model's cache has {len(layers)} layers, the prefix "
+                          f"{config.num_layers}; drop prefix.init_text for this model")
+    # each (1, kv heads, n, head dim) -> (n, kv heads * head dim), then per token: layer 0 key, value, layer 1 ...
+    rows = torch.cat([t[0].transpose(0, 1).reshape(n, -1) for kv in layers for t in kv], dim=1)
+    embedding.weight.data.copy_(rows.to(embedding.weight.dtype))
 
 
 def _uses_cache(model) -> bool:

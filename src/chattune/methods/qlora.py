@@ -42,7 +42,7 @@ class QLoRA(LoRA):
         q = cfg.qlora
         return quantization_kwargs(q.bits, dtype, q.quant_type, q.double_quant)
 
-    def apply(self, model, cfg):
+    def apply(self, model, cfg, tokenizer=None):
         from peft import get_peft_model
 
         model = prepare_quantized(model, cfg.train.gradient_checkpointing)

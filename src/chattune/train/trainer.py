@@ -484,7 +484,7 @@ def prepare(cfg: RunConfig, log=print, options: TrainOptions | None = None) -> P
     # Seed before the method creates its weights (LoRA A matrices, prefixes): train.seed alone decides them, not
     # whatever ran earlier in this process, so a resumed run continues the same run.
     set_seed(cfg.train.seed)
-    model = method.apply(model, cfg)
+    model = method.apply(model, cfg, tokenizer)
     if device == "cpu" and not options.baseline:
         fast_dropout.apply(model)  # nn.Dropout's CPU random numbers cost ~1/4 of a LoRA step
     if cfg.train.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
