@@ -68,6 +68,8 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = False
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     label_only_logits: bool = True
+    compile: Union[bool, Literal["auto"]] = Field("auto", description="torch.compile each decoder layer: auto, "
+                                                   "true or false (auto: on a GPU, for long enough runs)")
     group_by_length: bool = True
     num_threads: int | None = Field(None, ge=1, description="CPU threads; default: all cores")
     stop_after: int | None = Field(None, ge=1, description="stop (with a checkpoint) after this step")

@@ -50,6 +50,7 @@ def sample_lengths(position_ids: torch.Tensor | None) -> list[int] | None:
     return lengths
 
 
+@torch.compiler.disable  # under train.compile: the per-sample split sizes are data, not shapes to specialise on
 def packed_sdpa_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                                   scaling: float | None = None, is_causal: bool | None = None, **kwargs):
     """query: (1, heads, T, d); key/value: (1, kv_heads, T, d). Returns (1, T, heads, d) like transformers' SDPA."""

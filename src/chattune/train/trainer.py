@@ -44,6 +44,7 @@ from chattune.methods.base import Method
 from chattune.methods.common import resolve_deepspeed_config, resolve_shipped_json
 from chattune.models.load import generation_stop_ids, load_model, load_tokenizer, model_type, resolve_model_path
 from chattune.train import fast_dropout, packed_attention
+from chattune.train.compile import compile_layers, should_compile
 from chattune.train.callbacks import InterruptCallback, MetricsCallback, NanGuardCallback, QuietProgressCallback, \
     StopAfterCallback
 from chattune.train.chunked_loss import cross_entropy_sum
@@ -489,6 +490,12 @@ def prepare(cfg: RunConfig, log=print, options: TrainOptions | None = None) -> P
         fast_dropout.apply(model)  # nn.Dropout's CPU random numbers cost ~1/4 of a LoRA step
     if cfg.train.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
+    steps = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(
+        math.ceil(len(data.train) / (cfg.train.batch_size * cfg.train.grad_accum * int(os.environ.get("WORLD_SIZE", "1")))) * cfg.train.epochs)
+    compiled, why_compile = should_compile(cfg.train.compile, device, steps,
+                                           bool(cfg.train.deepspeed or cfg.train.fsdp))
+    if compiled:
+        log(f"compile: {compile_layers(model)} decoder layers ({why_compile}; the first steps include compiling)")
     trainable, total = count_parameters(model)
     log(f"method: {cfg.method}, trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)")
     log(f"packing: {'on' if packing else 'off'}, label-only logits: {'on' if cfg.train.label_only_logits else 'off'}")
