@@ -62,6 +62,32 @@ def test_quickstart_smoke(bundled, tmp_path):
     assert (tmp_path / "qs" / "adapter_model.safetensors").exists()
 
 
+def test_quickstart_loads_the_model_once_and_its_answers_are_the_real_ones(bundled, tmp_path, monkeypatch):
+    """One model load for the whole quickstart; its "before" answers are the base model's and its "after" answers
+    are what the saved adapter gives when loaded on its own (as `chattune chat --adapter` does)."""
+    import chattune.models.load as load
+    from chattune.chat import answer_once
+    from chattune.inference import load_tuned
+    from chattune.quickstart import PROMPTS, quickstart
+
+    loads = []
+    real = load.load_model
+    monkeypatch.setattr(load, "load_model", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    import chattune.inference
+    import chattune.train.trainer
+
+    for module in (chattune.inference, chattune.train.trainer):
+        monkeypatch.setattr(module, "load_model", load.load_model)
+    out = quickstart(str(tmp_path / "qs"), steps=12, log=lambda m: None)
+    assert len(loads) == 1
+    monkeypatch.undo()
+    base = load_tuned(model="bundled", log=lambda m: None)
+    assert out["before"] == [answer_once(base, p, max_new_tokens=48).strip() for p in PROMPTS]
+    tuned = load_tuned(adapter=str(tmp_path / "qs"), log=lambda m: None)
+    assert out["after"] == [answer_once(tuned, p, max_new_tokens=48).strip() for p in PROMPTS]
+    assert out["after"] != out["before"]
+
+
 @pytest.mark.parametrize("name,min_trained", [
     ("huanhuan/huanhuan.json", 3), ("llamafactory/glaive_toolcall_zh_demo.json", 20),
     ("advertisegen/dev.messages.jsonl", 20), ("spo/train.jsonl", 1),

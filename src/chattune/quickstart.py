@@ -70,26 +70,32 @@ def _answers(tuned, prompts: list[str]) -> list[str]:
 
 
 def quickstart(output_dir: str = "runs/quickstart", steps: int | None = None, log=print) -> dict:
+    """The model is loaded once, by training: the "before" answers come from the trained model with its LoRA
+    adapter switched off (peft's `disable_adapter`, which is exactly the base model), the "after" answers with it
+    on. The saved adapter is what `chattune chat --adapter` loads (test_bundled checks the two agree)."""
     from chattune.config import load_config
-    from chattune.inference import load_tuned
+    from chattune.inference import Tuned
+    from chattune.train import packed_attention
     from chattune.train.trainer import train
 
     t0 = time.perf_counter()
     out = Path(output_dir)
     data = write_demo_data(out.parent / f"{out.name}-data" / "identity.jsonl")
     log(f"demo dataset: {len(demo_records())} conversations (English and Chinese) -> {data}")
-    base = load_tuned(model="bundled", log=log)
-    before = _answers(base, PROMPTS)
-    del base
     cfg = load_config("lora", [
-        f"data.train={data}", f"output_dir={out}", "overwrite=true", "data.max_length=256",
+        "model=bundled", f"data.train={data}", f"output_dir={out}", "overwrite=true", "data.max_length=256",
         f"train.max_steps={steps or 60}", "train.batch_size=8", "train.lr=2e-3", "train.logging_steps=10",
         "train.save_steps=1000", "train.scheduler=constant_with_warmup", "train.warmup_ratio=0.05",
         "lora.r=16", "lora.alpha=32", "lora.dropout=0.0",
     ])
     log("training LoRA (r=16, all linear layers) on the demo data ...")
     result = train(cfg, log=log)
-    tuned = load_tuned(adapter=str(out), log=log)
+    run = result.run
+    model = run.model.eval()
+    packed_attention.disable(model)  # plain SDPA for generation (packed attention is a training kernel)
+    tuned = Tuned(model, run.tokenizer, run.template, source=str(out))
+    with model.disable_adapter():
+        before = _answers(tuned, PROMPTS)
     after = _answers(tuned, PROMPTS)
     print("\n=== the same prompts, before and after tuning ===")
     for p, b, a in zip(PROMPTS, before, after):
