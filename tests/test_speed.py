@@ -452,11 +452,16 @@ def test_bench_smoke(tiny_run, tmp_path, capsys):
     assert rc == 0
     table = capsys.readouterr().out
     assert "real tok/s" in table and "speedup chattune vs tutorial" in table
+    # the workers' per-step reports reach the log even though a progress bar shares their output
+    assert any(m.strip().startswith("chattune: step 3/3") for m in logs), logs
     report = json.loads(out.read_text())
     assert set(report["recipes"]) == {"tutorial", "chattune"}
     for r in report["recipes"].values():
         assert r["steps"] == 3 and r["tokens_per_s"] > 0 and r["s_per_step"] > 0
         assert r["peak_memory_mb"] > 0 and r["final_loss"] is not None and r["mfu_percent"] is not None
+        # launch -> first optimizer step, and launch -> trained and saved: the steps themselves are in between
+        assert 0 < r["startup_seconds"] < r["process_seconds"]
+        assert r["process_seconds"] - r["startup_seconds"] >= r["total_seconds"] - 0.05
     tut, ct = report["recipes"]["tutorial"], report["recipes"]["chattune"]
     assert tut["batching"] == "pad to 128" and tut["precision"] == "fp32" and tut["logits"] == "full"
     assert ct["batching"] == "packed" and ct["logits"] == "label-only"
@@ -468,6 +473,7 @@ def test_bench_smoke(tiny_run, tmp_path, capsys):
     assert abs(tut["heldout_loss"] - ct["heldout_loss"]) < 0.05
     assert report["ratios"]["chattune_vs_tutorial"]["heldout_loss_diff"] is not None
     assert report["ratios"]["chattune_vs_tutorial"]["tokens_per_s"] > 0
+    assert report["ratios"]["chattune_vs_tutorial"]["process_seconds"] > 0 and "x whole process" in table
     assert report["machine"]["matmul_gflops"]["fp32"] > 0
 
 
