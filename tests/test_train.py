@@ -203,3 +203,15 @@ def test_compile_auto_is_off_on_cpu_and_short_runs():
     assert should_compile(False, "cuda", 1000, False)[0] is False
     with pytest.raises(ConfigError, match="train.compile=true cannot be combined with train.deepspeed"):
         should_compile(True, "cuda", 1000, True)
+
+
+def test_the_optimizer_is_torchs_fused_adamw(tiny, tmp_path):
+    """One kernel per step for the whole AdamW update, on CPU too (transformers' adamw_torch_fused)."""
+    from transformers import Trainer
+
+    from chattune.train.trainer import training_arguments
+
+    result = run(tiny, tmp_path / "run", "train.max_steps=1")
+    args = training_arguments(result.run)
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+    assert cls is torch.optim.AdamW and kwargs.get("fused") is True
