@@ -215,3 +215,12 @@ def test_the_optimizer_is_torchs_fused_adamw(tiny, tmp_path):
     args = training_arguments(result.run)
     cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
     assert cls is torch.optim.AdamW and kwargs.get("fused") is True
+
+
+def test_compile_with_deepspeed_is_refused_before_the_model_loads(tmp_path):
+    out = tmp_path / "out"
+    cfg = load_config(None, ["model=/nonexistent/model", "data.train=/nonexistent.jsonl", f"output_dir={out}",
+                             "train.compile=true", "train.deepspeed=ds_zero2.json"])
+    with pytest.raises(ConfigError, match="train.compile=true cannot be combined with train.deepspeed"):
+        train(cfg, log=lambda m: None)
+    assert not out.exists()

@@ -409,10 +409,8 @@ def _run_isolated(spec: BenchSpec, recipe: str, data_file: Path, n_samples: int,
     result_path = workdir / f"result-{recipe}.json"
     job.write_text(json.dumps({"spec": spec.model_dump(), "recipe": recipe, "data_file": str(data_file),
                                "n_samples": n_samples, "workdir": str(workdir), "result": str(result_path),
-                               "eval_file": str(eval_file) if eval_file else None}))
-    job_data = json.loads(job.read_text())
-    job_data["spawned_at"] = time.time()  # just before the launch: start-up and whole-process times count from here
-    job.write_text(json.dumps(job_data))
+                               "eval_file": str(eval_file) if eval_file else None,
+                               "spawned_at": time.time()}))  # start-up and whole-process times count from here
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, "-m", "chattune.bench", "--worker", str(job)]
     tail: list[str] = []

@@ -141,17 +141,13 @@ def short_records(spec: CompareSpec, source: Path, records: list, log) -> list:
     from chattune.config import load_config
     from chattune.data.encode import encode_conversation
     from chattune.data.formats import load_conversations
-    from chattune.data.inspect import stop_ids_from_folder
-    from chattune.data.templates import get_template
-    from chattune.models.load import load_tokenizer, model_type, resolve_model_path
+    from chattune.data.inspect import tokenizer_and_template
 
     cfg = load_config(None, variant_overrides(spec, spec.variants[0], [], source, Path(spec.output_dir)))
     d = cfg.data
     conversations = load_conversations(source, fmt=d.format, train_on=d.train_on,
                                        default_system=d.system).conversations  # every record valid, in order
-    path = resolve_model_path(cfg.model.path, log)
-    tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
-    template = get_template(cfg.template, tokenizer, model_type(path), stop_ids_from_folder(path))
+    tokenizer, template = tokenizer_and_template(cfg, log)
     kept = [rec for rec, conv in zip(records, conversations)
             if encode_conversation(conv, template, tokenizer, spec.max_tokens, "drop") is not None]
     log(f"compare: max_tokens={spec.max_tokens}: {len(kept)} of {len(records)} records are that short")

@@ -30,6 +30,13 @@ def stop_ids_from_folder(path: str) -> list[int]:
     return [eos] if isinstance(eos, int) else list(eos)
 
 
+def tokenizer_and_template(cfg: RunConfig, log=print):
+    """The run's tokenizer and chat template, from the model folder without loading its weights."""
+    path = resolve_model_path(cfg.model.path, log)
+    tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
+    return tokenizer, get_template(cfg.template, tokenizer, model_type(path), stop_ids_from_folder(path))
+
+
 def render_labels(tokenizer, input_ids: list[int], labels: list[int], color: bool) -> str:
     """Decode the sample, marking trained spans (green, or ⟦...⟧ when not on a terminal)."""
     out, run, trained = [], [], None
@@ -59,9 +66,7 @@ def inspect(file: str, cfg: RunConfig, sample: int = 0, out=None, log=print) -> 
     d = cfg.data
     loaded = load_conversations(file, fmt=d.format, skip_invalid=d.skip_invalid, train_on=d.train_on,
                                 default_system=d.system)
-    path = resolve_model_path(cfg.model.path, log)
-    tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
-    template = get_template(cfg.template, tokenizer, model_type(path), stop_ids_from_folder(path))
+    tokenizer, template = tokenizer_and_template(cfg, log)
     if d.truncation == "error":
         encode_conversations(loaded.conversations, template, tokenizer, d.max_length, "error")
     stats = EncodeStats()

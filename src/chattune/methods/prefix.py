@@ -6,8 +6,10 @@ layer (on the bundled model the first losses are 3-4x the base model's). With `p
 starts as the key/values the frozen model computes for that text (its tokens repeated or cut to
 `num_virtual_tokens`): the tuned model begins exactly as the base model with that text in front of every prompt,
 and training moves on from there (Li & Liang's prefix-tuning paper initialises from real words' activations for
-the same reason). peft has no such option, hence the code here. With `prefix.projection=true` the prefix is produced by a small MLP (ChatGLM's
-P-tuning v2 `prefix_projection`), `prefix.projection_hidden` wide (default: the prefix width).
+the same reason). peft has no such option, hence the code here.
+
+With `prefix.projection=true` the prefix is produced by a small MLP (ChatGLM's P-tuning v2 `prefix_projection`),
+`prefix.projection_hidden` wide (default: the prefix width).
 
 Grouped-query attention: the prefix lives in the key/value cache, so its shape is that of the *key/value* heads
 (`num_key_value_heads` x `head_dim`), not of the query heads. We derive both from the model config and pass

@@ -45,18 +45,25 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     return best
 
 
+def check_compile(setting, device: str, distributed_engine: bool) -> None:
+    """Refuse train.compile=true where it cannot work (before anything is loaded)."""
+    if setting is not True:
+        return
+    if distributed_engine:
+        raise ConfigError("train.compile=true cannot be combined with train.deepspeed or train.fsdp here "
+                          "(they wrap and re-partition the layers after chattune would compile them); set "
+                          "train.compile=false")
+    if device == "cpu" and not (shutil.which("c++") or shutil.which("g++") or shutil.which("gcc")):
+        raise ConfigError("train.compile=true on CPU needs a C++ compiler (torch.compile generates C++); "
+                          "install one (apt-get install g++) or set train.compile=false")
+
+
 def should_compile(setting, device: str, steps: int | None, distributed_engine: bool) -> tuple[bool, str]:
-    """(compile?, why) for train.compile = True | False | "auto"."""
+    """(compile?, why) for train.compile = True | False | "auto" (check_compile has refused what cannot work)."""
+    check_compile(setting, device, distributed_engine)
     if setting is False:
         return False, "train.compile=false"
     if setting is True:
-        if distributed_engine:
-            raise ConfigError("train.compile=true cannot be combined with train.deepspeed or train.fsdp here "
-                              "(they wrap and re-partition the layers after chattune would compile them); set "
-                              "train.compile=false")
-        if device == "cpu" and not (shutil.which("c++") or shutil.which("g++") or shutil.which("gcc")):
-            raise ConfigError("train.compile=true on CPU needs a C++ compiler (torch.compile generates C++); "
-                              "install one (apt-get install g++) or set train.compile=false")
         return True, "train.compile=true"
     if distributed_engine:
         return False, "auto: not with DeepSpeed/FSDP"

@@ -44,7 +44,7 @@ from chattune.methods.base import Method
 from chattune.methods.common import resolve_deepspeed_config, resolve_shipped_json
 from chattune.models.load import generation_stop_ids, load_model, load_tokenizer, model_type, resolve_model_path
 from chattune.train import fast_dropout, packed_attention
-from chattune.train.compile import compile_layers, should_compile
+from chattune.train.compile import check_compile, compile_layers, should_compile
 from chattune.train.callbacks import InterruptCallback, MetricsCallback, NanGuardCallback, QuietProgressCallback, \
     StopAfterCallback
 from chattune.train.chunked_loss import cross_entropy_sum
@@ -461,6 +461,8 @@ def prepare(cfg: RunConfig, log=print, options: TrainOptions | None = None) -> P
     check_resume_matches(cfg, resume_from)
     method = get_method(cfg.method)
     method.preflight(cfg, device)
+    distributed_engine = bool(cfg.train.deepspeed or cfg.train.fsdp)
+    check_compile(cfg.train.compile, device, distributed_engine)
     if device == "cpu":
         threads = set_cpu_threads(cfg.train.num_threads, int(os.environ.get("WORLD_SIZE", "1")))
         log(f"device: cpu, {threads} threads")
@@ -490,10 +492,10 @@ def prepare(cfg: RunConfig, log=print, options: TrainOptions | None = None) -> P
         fast_dropout.apply(model)  # nn.Dropout's CPU random numbers cost ~1/4 of a LoRA step
     if cfg.train.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
-    steps = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(
-        math.ceil(len(data.train) / (cfg.train.batch_size * cfg.train.grad_accum * int(os.environ.get("WORLD_SIZE", "1")))) * cfg.train.epochs)
-    compiled, why_compile = should_compile(cfg.train.compile, device, steps,
-                                           bool(cfg.train.deepspeed or cfg.train.fsdp))
+    t = cfg.train
+    per_step = t.batch_size * t.grad_accum * int(os.environ.get("WORLD_SIZE", "1"))
+    steps = t.max_steps if t.max_steps > 0 else math.ceil(math.ceil(len(data.train) / per_step) * t.epochs)
+    compiled, why_compile = should_compile(t.compile, device, steps, distributed_engine)
     if compiled:
         log(f"compile: {compile_layers(model)} decoder layers ({why_compile}; the first steps include compiling)")
     trainable, total = count_parameters(model)
