@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from chattune.quickstart import write_demo_data
 
@@ -98,3 +99,25 @@ def test_shared_datasets_encode_with_the_bundled_template(bundled, shared_data, 
 
     report = inspect(str(shared_data / name), load_config(None, []), out=open("/dev/null", "w"), log=lambda m: None)
     assert report["records"] > 100 and report["mean_trained"] >= min_trained
+
+
+def test_bundled_model_decodes_from_its_exact_blocks(bundled):
+    """Every linear layer of the bundled model holds exactly the GGUF's Q4_1 / Q8_0 blocks, so `serve` and `chat`
+    decode from them; the greedy answer is the fp32 one."""
+    from chattune.inference import conversation, load_tuned
+    from chattune.models import packed
+
+    if packed.why_unavailable():
+        pytest.skip(packed.why_unavailable())
+    tuned = load_tuned(log=lambda m: None)
+    ids = torch.tensor([tuned.prompt_ids(conversation([], "Name three colours."))])
+
+    def answer():
+        with torch.inference_mode():
+            return tuned.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
+                                        do_sample=False, temperature=None, top_p=None, top_k=None,
+                                        pad_token_id=tuned.tokenizer.pad_token_id)[0].tolist()
+
+    fp32 = answer()
+    assert packed.enable(tuned.model, lambda m: None) == {"q4": 210, "q8": 1, "fp32": 0}
+    assert answer() == fp32

@@ -12,6 +12,9 @@ def configure(p) -> None:
     p.add_argument("--template", help="override the template (default: the one the run used)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--packed", choices=["auto", "off"], default="auto",
+                   help="auto (default): on a CPU, decode layers whose fp32 weights are exactly 4-/8-bit blocks "
+                        "(the bundled model's) from those blocks; off: torch's fp32 matmuls everywhere")
 
 
 def run(args) -> int:
@@ -20,6 +23,10 @@ def run(args) -> int:
     from chattune.log import log
 
     tuned = load_tuned(adapter=args.adapter, model=args.model, template=args.template, log=log)
+    if args.packed == "auto":
+        from chattune.models.packed import enable
+
+        enable(tuned.model, log)
     if args.prompt is not None:
         print(answer_once(tuned, args.prompt, args.system, args.max_new_tokens, args.temperature))
         return 0

@@ -25,6 +25,9 @@ def configure(p) -> None:
     p.add_argument("--max-tokens", type=int, default=512, help="default max_tokens of a request")
     p.add_argument("--device-map", default=None, help="`auto`: spread a large model over the visible GPUs")
     p.add_argument("--template", help="override the template (default: the one the run used); = template=NAME")
+    p.add_argument("--packed", choices=["auto", "off"], default="auto",
+                   help="auto (default): on a CPU, decode layers whose fp32 weights are exactly 4-/8-bit blocks "
+                        "(the bundled model's) from those blocks; off: torch's fp32 matmuls everywhere")
     p.add_argument("args", nargs="*", metavar="key=value", help="run-config overrides: " + ", ".join(KEYS))
 
 
@@ -35,7 +38,12 @@ def load(args, log=print):
 
     overrides = ([f"template={args.template}"] if args.template else []) + list(args.args)
     _, _, kwargs = model_config("serve", args.adapter, args.model, overrides, KEYS, hints=HINTS, log=log)
-    return load_tuned(adapter=args.adapter, model=args.model, log=log, device_map=args.device_map, **kwargs)
+    tuned = load_tuned(adapter=args.adapter, model=args.model, log=log, device_map=args.device_map, **kwargs)
+    if getattr(args, "packed", "auto") == "auto":
+        from chattune.models.packed import enable
+
+        enable(tuned.model, log)
+    return tuned
 
 
 def run(args) -> int:

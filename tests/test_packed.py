@@ -1,0 +1,179 @@
+"""The packed decode path (models/packed.py): layers whose fp32 weights are exactly Q4_1 / Q8_0 blocks are computed
+from those blocks, with the same results as torch's fp32 matmul up to the order of the sums."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from chattune.models import packed
+from chattune.models.packed import Packed, enable, pack_model, pack_q4, pack_q8, packed_linear
+from tiny import make_tiny_llama
+
+pytestmark = pytest.mark.skipif(packed.why_unavailable() is not None,
+                                reason=f"packed kernel unavailable here: {packed.why_unavailable()}")
+
+
+def q4_exact(o: int, k: int, seed: int = 0) -> torch.Tensor:
+    """fp32 weights that are exactly Q4_1 blocks, as the GGUF reader expands them: d * q + m (d, m fp16)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (o, k // 32, 32), generator=g).float()
+    q[..., 3], q[..., 20] = 0, 15  # every block reaches both ends of the range, as Q4_1 quantisation makes it
+    d = (torch.rand(o, k // 32, 1, generator=g) * 0.02 + 1e-3).half().float()
+    m = (-d * 7.5 + torch.randn(o, k // 32, 1, generator=g) * 1e-3).half().float()
+    return (d * q + m).reshape(o, k)
+
+
+def q8_exact(o: int, k: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-127, 128, (o, k // 32, 32), generator=g).float()
+    q[..., 5] = 127
+    d = (torch.rand(o, k // 32, 1, generator=g) * 0.01 + 1e-4).half().float()
+    return (d * q).reshape(o, k)
+
+
+def test_pack_finds_exact_blocks_and_refuses_anything_else():
+    w = q4_exact(8, 64)
+    data = pack_q4(w)
+    assert data is not None and data.dtype == torch.uint8 and data.shape == (8, 2 * 20)
+    # the layout: per block d and m as fp16, then element j in the low nibble of byte j, element j+16 in its high
+    blocks = data.reshape(8, 2, 20)
+    d = blocks[..., 0:2].contiguous().view(torch.float16).float().squeeze(-1)
+    m = blocks[..., 2:4].contiguous().view(torch.float16).float().squeeze(-1)
+    nib = blocks[..., 4:].long()
+    q = torch.cat([nib & 15, nib >> 4], dim=-1).float()
+    assert torch.equal(d[..., None] * q + m[..., None], w.reshape(8, 2, 32))
+
+    off = w.clone()
+    off[3, 17] = torch.nextafter(off[3, 17], torch.tensor(1.0))  # one weight one ulp away from a block value
+    assert pack_q4(off) is None
+    assert pack_q4(torch.randn(8, 64)) is None          # plain fp32 weights
+    assert pack_q4(q4_exact(8, 64)[:, :48]) is None     # K not a multiple of 32
+    assert pack_q4(w.double()) is None
+    assert pack_q8(q8_exact(4, 96)) is not None and pack_q8(torch.randn(4, 96)) is None
+    assert pack_q4(q8_exact(4, 96)) is None             # 8-bit blocks are not 4-bit ones
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 17, 32])
+def test_kernels_equal_torch_matmul(rows):
+    x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows))
+    bias = torch.randn(40)
+    for w, kind in ((q4_exact(40, 96, rows), "q4"), (q8_exact(40, 96, rows), "q8")):
+        p = Packed.of(w)
+        assert p.kind == kind
+        want = F.linear(x, w, bias)
+        got = packed_linear(x, p, 40, bias)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        # a row's result does not depend on the other rows it is computed with
+        torch.testing.assert_close(packed_linear(x[-1:], p, 40, bias)[0], got[-1], rtol=0, atol=1e-6)
+        # 3-d input, and a non-contiguous one
+        x3 = x.reshape(rows, 1, 96)
+        torch.testing.assert_close(packed_linear(x3, p, 40), F.linear(x3, w), rtol=1e-5, atol=1e-5)
+        xt = torch.randn(96, rows).t()
+        torch.testing.assert_close(packed_linear(xt, p, 40), F.linear(xt, w), rtol=1e-5, atol=1e-5)
+
+
+def exact_tiny(tmp_path, tie: bool = False):
+    """A tiny Llama whose every linear weight is exactly Q4_1 blocks and whose output head is Q8_0 blocks."""
+    from transformers import AutoModelForCausalLM
+
+    path = make_tiny_llama(tmp_path / "m", tie_word_embeddings=tie, vocab_size=288)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for i, (name, mod) in enumerate(model.named_modules()):
+            if isinstance(mod, torch.nn.Linear):
+                o, k = mod.weight.shape
+                mod.weight.copy_(q8_exact(o, k, i) * 16 if name == "lm_head" else q4_exact(o, k, i) * 4)
+    return model
+
+
+def test_pack_model_keeps_outputs_and_greedy_tokens(tmp_path):
+    model = exact_tiny(tmp_path)
+    prompt = torch.tensor([[5, 9, 13, 17, 21, 25]])
+    with torch.inference_mode():
+        want_logits = model(prompt[:, :1]).logits
+        want = model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    counts = pack_model(model)
+    assert counts == {"q4": 14, "q8": 1, "fp32": 0}  # 2 layers x 7 projections, and the output head
+    assert model.lm_head._chattune_packed.kind == "q8"
+    with torch.inference_mode():
+        # float noise only (the sums in another order), through two layers and the head
+        scale = float(want_logits.abs().max())
+        torch.testing.assert_close(model(prompt[:, :1]).logits, want_logits, rtol=0, atol=1e-5 * scale)
+        got = model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert got.tolist() == want.tolist()
+
+
+def test_training_and_long_inputs_use_the_fp32_weights(tmp_path, monkeypatch):
+    model = exact_tiny(tmp_path)
+    pack_model(model)
+    calls = []
+    real = packed.packed_linear
+    monkeypatch.setattr(packed, "packed_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model(torch.tensor([[1, 2, 3]])).logits.sum().backward()  # gradients: torch's matmul
+    assert calls == [] and model.model.layers[0].mlp.up_proj.weight.grad is not None
+    with torch.inference_mode():
+        model(torch.arange(packed.MAX_ROWS + 1)[None])  # a prefill longer than MAX_ROWS rows
+        assert calls == []
+        model(torch.tensor([[1]]))
+    assert len(calls) == 15
+
+
+def test_only_exact_layers_are_packed(tmp_path):
+    model = exact_tiny(tmp_path, tie=True)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.add_(1e-3)  # e.g. merged with an adapter: no longer blocks
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    counts = pack_model(model)
+    assert counts == {"q4": 13, "q8": 1, "fp32": 1}  # the tied head is read from the embedding's 8-bit blocks
+    assert not hasattr(model.model.layers[1].mlp.down_proj, "_chattune_packed")
+
+
+def test_enable_says_what_it_did(tmp_path):
+    lines = []
+    model = exact_tiny(tmp_path)
+    assert enable(model, lines.append) == {"q4": 14, "q8": 1, "fp32": 0}
+    assert "15 of 15 linear layers" in lines[0] and "14 Q4_1, 1 Q8_0" in lines[0]
+    plain = make_tiny_llama(tmp_path / "plain")
+    from transformers import AutoModelForCausalLM
+
+    lines.clear()
+    assert enable(AutoModelForCausalLM.from_pretrained(plain).eval(), lines.append) is None
+    assert "no linear layer" in lines[0]
+    lines.clear()
+    assert enable(exact_tiny(tmp_path).to(torch.bfloat16), lines.append) is None and lines == []
+
+
+def test_kernel_is_built_once_into_the_cache_and_a_missing_compiler_is_explained(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHATTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(packed, "_LIB", None)
+    assert packed.why_unavailable() is None
+    built = list((tmp_path / "cache" / "kernels").glob("packed-*.so"))
+    assert len(built) == 1 and not list((tmp_path / "cache" / "kernels").glob(".packed-*"))
+    monkeypatch.setattr(packed, "_LIB", None)
+    monkeypatch.setenv("CHATTUNE_CACHE", str(tmp_path / "other"))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    why = packed.why_unavailable()
+    assert why is not None and "could not be built" in why
+    monkeypatch.setattr(packed, "_LIB", None)  # the next user builds it again
+
+
+def test_serve_engine_batches_a_packed_model_exactly(tmp_path):
+    from chattune.serve.engine import Batch, batching_is_exact, prefill
+
+    model = exact_tiny(tmp_path)
+    prompts = [[5, 9, 13, 17, 21, 25, 29], [7, 11], [3, 4, 5]]
+    with torch.inference_mode():
+        def decode(prompt_list):
+            logits, cache, mask = prefill(model, prompt_list, 0)
+            batch, out = Batch.start(cache, mask), [logits.argmax(-1).tolist()]
+            for _ in range(6):
+                out.append(batch.step(model, out[-1]).argmax(-1).tolist())
+            return list(zip(*out))
+        alone_fp32 = [decode([p])[0] for p in prompts]
+        pack_model(model)
+        assert batching_is_exact(model, 0)
+        together = decode(prompts)
+    assert together == alone_fp32
