@@ -149,9 +149,12 @@ def test_enable_says_what_it_did(tmp_path):
 def test_kernel_is_built_once_into_the_cache_and_a_missing_compiler_is_explained(tmp_path, monkeypatch):
     monkeypatch.setenv("CHATTUNE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(packed, "_LIB", None)
+    (tmp_path / "cache" / "kernels").mkdir(parents=True)
+    (tmp_path / "cache" / "kernels" / "packed-0123456789abcdef.so").write_bytes(b"an older build")
     assert packed.why_unavailable() is None
-    built = list((tmp_path / "cache" / "kernels").glob("packed-*.so"))
-    assert len(built) == 1 and not list((tmp_path / "cache" / "kernels").glob(".packed-*"))
+    built = sorted(p.name for p in (tmp_path / "cache" / "kernels").iterdir())
+    assert len(built) == 2 and built[0].endswith(".c") and built[1].endswith(".so")  # the older build is gone
+    assert "0123456789abcdef" not in " ".join(built)
     monkeypatch.setattr(packed, "_LIB", None)
     monkeypatch.setenv("CHATTUNE_CACHE", str(tmp_path / "other"))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))

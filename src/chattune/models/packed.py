@@ -187,6 +187,9 @@ def _library():
         subprocess.run([compiler, "-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", str(src), "-o",
                         str(tmp)], check=True, capture_output=True, text=True)
         os.replace(tmp, so)  # atomic: a concurrent build or a crash never leaves half a library
+        for old in folder.glob("packed-*"):  # builds of earlier versions of the source
+            if old.stem != so.stem:
+                old.unlink(missing_ok=True)
     lib = ctypes.CDLL(str(so))
     p, i = ctypes.c_void_p, ctypes.c_int  # pointers are passed as plain ints (data_ptr()): no casts per call
     lib.q4_matmul.argtypes = [p, i, i, p, i, p, i]
@@ -305,8 +308,9 @@ def _forward(self, x: torch.Tensor) -> torch.Tensor:
 
 def pack_model(model: torch.nn.Module) -> dict:
     """Give every CPU fp32 nn.Linear whose weight is exactly Q4_1 or Q8_0 blocks the packed decode path (in place;
-    the fp32 weights stay, for longer inputs and for training). Returns how many linear layers got which:
-    {"q4": n, "q8": n, "fp32": n}. A tied weight (embedding and output head) is packed once."""
+    the fp32 weights stay, for longer inputs and gradients). Returns how many linear layers got which:
+    {"q4": n, "q8": n, "fp32": n}. A weight shared by several layers is packed once. For models that are only
+    run from now on (`serve`, `chat`): the blocks are a copy, so weights changed later would not be seen."""
     counts = {"q4": 0, "q8": 0, "fp32": 0}
     done: dict[int, Packed | None] = {}
     for module in model.modules():
@@ -346,7 +350,7 @@ def enable(model: torch.nn.Module, log=print) -> dict | None:
     if counts["q4"] + counts["q8"] == 0:
         log("decode: torch's fp32 matmuls (no linear layer's weights are exactly 4-bit or 8-bit blocks)")
         return None
-    rest = f", {counts['fp32']} in fp32" if counts["fp32"] else ""
+    rest = f", {counts['fp32']} others in fp32" if counts["fp32"] else ""
     log(f"decode: {counts['q4'] + counts['q8']} of {total} linear layers read from the exact 4-/8-bit blocks their "
         f"fp32 weights hold ({counts['q4']} Q4_1, {counts['q8']} Q8_0{rest}): the same weights in fewer bytes per "
         "token (--packed off: fp32 matmuls)")
