@@ -54,8 +54,10 @@ def check_adapter(adapter: str) -> str:
 
 def load_tuned(adapter: str | None = None, model: str | None = None, template: str | None = None,
                trust_remote_code: bool | None = None, dtype: torch.dtype = torch.float32, log=print,
-               device_map: str | None = None) -> Tuned:
-    """`device_map="auto"` spreads a large model over the visible GPUs (accelerate's big-model loading)."""
+               device_map: str | None = None, packed: bool = False) -> Tuned:
+    """`device_map="auto"` spreads a large model over the visible GPUs (accelerate's big-model loading).
+    `packed=True` (chat, serve: models that are only run) decodes the layers whose fp32 weights are exactly
+    4-/8-bit blocks from those blocks (models/packed.py)."""
     extra = {"device_map": device_map} if device_map else {}
     if adapter:
         if check_adapter(adapter) == FULL_MODEL:
@@ -88,6 +90,10 @@ def load_tuned(adapter: str | None = None, model: str | None = None, template: s
         mtype = model_type(path)
         folder = Path(path)
     net.eval()
+    if packed:
+        from chattune.models.packed import enable
+
+        enable(net, log)
     name = template or info.get("template") or "auto"
     tmpl = get_template(name, tokenizer, mtype, generation_stop_ids(net))
     return Tuned(net, tokenizer, tmpl, info, str(folder))

@@ -12,6 +12,13 @@ load a trained model (`eval`, `serve`), each naming the keys that mean something
 COMMANDS = ["quickstart", "train", "data", "eval", "compare", "plot", "chat", "serve", "export", "estimate", "bench"]
 
 
+def add_packed_option(p) -> None:
+    """`--packed auto|off` of the commands that only run a model (`chat`, `serve`): load_tuned(packed=...)."""
+    p.add_argument("--packed", choices=["auto", "off"], default="auto",
+                   help="auto (default): on a CPU, decode layers whose fp32 weights are exactly 4-/8-bit blocks "
+                        "(the bundled model's) from those blocks; off: torch's fp32 matmuls everywhere")
+
+
 def model_config(command: str, adapter: str | None, model: str | None, overrides: list[str],
                  applies: dict[str, str], inherited: tuple[str, ...] = (), hints: dict[str, str] | None = None,
                  log=print):

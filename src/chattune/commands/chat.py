@@ -1,5 +1,7 @@
 """`chattune chat (--adapter DIR | --model DIR) [--prompt TEXT]`."""
 
+from chattune.commands import add_packed_option
+
 HELP = "talk to a tuned or plain model in the terminal"
 
 
@@ -12,9 +14,7 @@ def configure(p) -> None:
     p.add_argument("--template", help="override the template (default: the one the run used)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--packed", choices=["auto", "off"], default="auto",
-                   help="auto (default): on a CPU, decode layers whose fp32 weights are exactly 4-/8-bit blocks "
-                        "(the bundled model's) from those blocks; off: torch's fp32 matmuls everywhere")
+    add_packed_option(p)
 
 
 def run(args) -> int:
@@ -22,11 +22,8 @@ def run(args) -> int:
     from chattune.inference import load_tuned
     from chattune.log import log
 
-    tuned = load_tuned(adapter=args.adapter, model=args.model, template=args.template, log=log)
-    if args.packed == "auto":
-        from chattune.models.packed import enable
-
-        enable(tuned.model, log)
+    tuned = load_tuned(adapter=args.adapter, model=args.model, template=args.template, log=log,
+                       packed=args.packed == "auto")
     if args.prompt is not None:
         print(answer_once(tuned, args.prompt, args.system, args.max_new_tokens, args.temperature))
         return 0

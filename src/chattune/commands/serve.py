@@ -1,5 +1,7 @@
 """`chattune serve (--adapter DIR | --model DIR) [--host 127.0.0.1] [--port 8000] ... [key=value ...]`."""
 
+from chattune.commands import add_packed_option
+
 HELP = "serve a model: OpenAI-compatible /v1/chat/completions and a web chat page at /"
 
 # The run-config keys that change what `serve` does (the others are refused, never ignored).
@@ -25,9 +27,7 @@ def configure(p) -> None:
     p.add_argument("--max-tokens", type=int, default=512, help="default max_tokens of a request")
     p.add_argument("--device-map", default=None, help="`auto`: spread a large model over the visible GPUs")
     p.add_argument("--template", help="override the template (default: the one the run used); = template=NAME")
-    p.add_argument("--packed", choices=["auto", "off"], default="auto",
-                   help="auto (default): on a CPU, decode layers whose fp32 weights are exactly 4-/8-bit blocks "
-                        "(the bundled model's) from those blocks; off: torch's fp32 matmuls everywhere")
+    add_packed_option(p)
     p.add_argument("args", nargs="*", metavar="key=value", help="run-config overrides: " + ", ".join(KEYS))
 
 
@@ -38,12 +38,8 @@ def load(args, log=print):
 
     overrides = ([f"template={args.template}"] if args.template else []) + list(args.args)
     _, _, kwargs = model_config("serve", args.adapter, args.model, overrides, KEYS, hints=HINTS, log=log)
-    tuned = load_tuned(adapter=args.adapter, model=args.model, log=log, device_map=args.device_map, **kwargs)
-    if getattr(args, "packed", "auto") == "auto":
-        from chattune.models.packed import enable
-
-        enable(tuned.model, log)
-    return tuned
+    return load_tuned(adapter=args.adapter, model=args.model, log=log, device_map=args.device_map,
+                      packed=args.packed == "auto", **kwargs)
 
 
 def run(args) -> int:

@@ -208,13 +208,20 @@ def _halves(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float16).contiguous().view(torch.uint8).reshape(*t.shape, 2)
 
 
-def q4_blocks(w: torch.Tensor):
-    """(q uint8 [O, K/32, 32], d, mn [O, K/32]) if every weight of `w` [O, K] equals d*q + mn in fp32 (as the GGUF
-    reader expands Q4_1) for some q in 0..15 and fp16 d, mn per block of 32; else None."""
+def _blocks(w: torch.Tensor) -> torch.Tensor | None:
+    """An fp32 weight [O, K] as blocks of 32 along K [O, K/32, 32], or None where it cannot be blocks."""
     o, k = w.shape
     if k % BLOCK or w.dtype != torch.float32:
         return None
-    blocks = w.reshape(o, k // BLOCK, BLOCK)
+    return w.reshape(o, k // BLOCK, BLOCK)
+
+
+def q4_blocks(w: torch.Tensor):
+    """(q uint8 [O, K/32, 32], d, mn [O, K/32]) if every weight of `w` [O, K] equals d*q + mn in fp32 (as the GGUF
+    reader expands Q4_1) for some q in 0..15 and fp16 d, mn per block of 32; else None."""
+    blocks = _blocks(w)
+    if blocks is None:
+        return None
     mn = blocks.amin(-1)
     d = _fp16_exact((blocks.amax(-1) - mn) / 15)
     if not torch.equal(_fp16_exact(mn), mn):
@@ -229,10 +236,9 @@ def q4_blocks(w: torch.Tensor):
 def q8_blocks(w: torch.Tensor):
     """(q int8 [O, K/32, 32], d [O, K/32]) if every weight equals d*q in fp32 for q in -127..127 and fp16 d per block
     of 32 (GGUF's Q8_0); else None."""
-    o, k = w.shape
-    if k % BLOCK or w.dtype != torch.float32:
+    blocks = _blocks(w)
+    if blocks is None:
         return None
-    blocks = w.reshape(o, k // BLOCK, BLOCK)
     d = _fp16_exact(blocks.abs().amax(-1) / 127)
     safe = torch.where(d == 0, torch.ones_like(d), d)
     q = torch.round(blocks / safe[..., None]).clamp_(-127, 127)
@@ -275,10 +281,6 @@ class Packed:
                 return cls("q4", data)
             data = pack_q8(w.detach())
             return cls("q8", data) if data is not None else None
-
-    @property
-    def nbytes(self) -> int:
-        return self.data.numel()
 
 
 def packed_linear(x: torch.Tensor, packed: Packed, out_features: int, bias: torch.Tensor | None = None):
