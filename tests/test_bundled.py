@@ -121,3 +121,16 @@ def test_bundled_model_decodes_from_its_exact_blocks(bundled):
     fp32 = answer()
     assert packed.enable(tuned.model, lambda m: None) == {"q4": 210, "q8": 1, "fp32": 0}
     assert answer() == fp32
+
+    # serve's engine with chattune's own decode step: checked at start-up, and the same greedy answer
+    from chattune.serve.decode_step import DecodeStep
+    from chattune.serve.engine import Batch, prefill, step_matches_transformers
+
+    step, pad = DecodeStep.of(tuned.model), tuned.tokenizer.pad_token_id
+    assert step is not None and step_matches_transformers(tuned.model, step, pad)
+    with torch.inference_mode():
+        logits, cache, mask = prefill(tuned.model, [ids[0].tolist()], pad)
+        batch, tokens = Batch.start(cache, mask), [int(logits[0].argmax())]
+        while len(tokens) < 24:
+            tokens.append(int(batch.step(tuned.model, tokens[-1:], step)[0].argmax()))
+    assert ids[0].tolist() + tokens == fp32[:len(ids[0]) + 24]

@@ -204,7 +204,8 @@ def test_client_disconnect_frees_the_worker(model_dir):
 def test_models_health_and_page(hello):
     models = httpx.get(hello + "/v1/models").json()
     assert models["object"] == "list" and models["data"][0]["id"] == "model"
-    assert httpx.get(hello + "/health").json()["status"] == "ok"
+    health = httpx.get(hello + "/health").json()
+    assert health["status"] == "ok" and health["batching"] and health["decode_step"] == "chattune"
     page = httpx.get(hello + "/")
     assert page.status_code == 200 and "<title>chattune</title>" in page.text and "http" not in page.text.split(
         "<body>")[0].replace("http-equiv", "")  # no CDN: every asset is served by the app itself

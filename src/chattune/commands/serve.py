@@ -28,6 +28,9 @@ def configure(p) -> None:
     p.add_argument("--device-map", default=None, help="`auto`: spread a large model over the visible GPUs")
     p.add_argument("--template", help="override the template (default: the one the run used); = template=NAME")
     add_packed_option(p)
+    p.add_argument("--decode-step", choices=["auto", "transformers"], default="auto",
+                   help="auto (default): chattune's own decode step for Llama-layout models where it gives "
+                        "transformers' logits (checked at start-up); transformers: the model's own forward")
     p.add_argument("args", nargs="*", metavar="key=value", help="run-config overrides: " + ", ".join(KEYS))
 
 
@@ -57,10 +60,13 @@ def run(args) -> int:
 
     key = args.api_key or os.environ.get("CHATTUNE_API_KEY") or None
     app = create_app(tuned, api_key=key, max_queue=args.max_queue, default_max_tokens=args.max_tokens,
-                     max_batch=args.max_batch)
+                     max_batch=args.max_batch, decode_step=args.decode_step)
     worker = app.state.worker
     batching = (f"continuous batching of up to {worker.max_batch} requests" if worker.batching else
                 "one request at a time" + (" (this model cannot be batched exactly)" if worker.max_batch > 1 else ""))
+    if worker.batching:
+        batching += ("; chattune's decode step" if worker.decode is not None else
+                     f"; transformers' decode step: {worker.decode_why}")
     log(f"serving {model_name(tuned)} on http://{args.host}:{args.port} (web chat at /, API at /v1; {batching})"
         + (", API key required" if key else ""))
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -41,9 +41,9 @@ def trim_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
 
 
 def create_app(tuned, api_key: str | None = None, max_queue: int = 16, default_max_tokens: int = 512,
-               max_batch: int = 8):
+               max_batch: int = 8, decode_step: str = "auto"):
     app = FastAPI(title="chattune serve", docs_url=None, redoc_url=None)
-    worker = Worker(tuned, max_queue, max_batch)
+    worker = Worker(tuned, max_queue, max_batch, decode_step)
     name = model_name(tuned)
     ctx = context_length(tuned.model)
     app.state.worker = worker
@@ -68,7 +68,8 @@ def create_app(tuned, api_key: str | None = None, max_queue: int = 16, default_m
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": name, "queued": worker.waiting, "busy": worker.busy.is_set(),
-                "batching": worker.batching, "largest_batch": worker.largest_batch}
+                "batching": worker.batching, "largest_batch": worker.largest_batch,
+                "decode_step": worker.decode_step}
 
     @app.get("/v1/models")
     async def models(request: Request):

@@ -105,12 +105,16 @@ class Batch:
         for layer in _plain_layers(self.cache):
             layer.keys, layer.values = layer.keys[index, :, start:], layer.values[index, :, start:]
 
-    def step(self, model, tokens: list[int]) -> torch.Tensor:
-        """Feed each row its latest token; returns the next-token logits [B, V]."""
+    def step(self, model, tokens: list[int], decode=None) -> torch.Tensor:
+        """Feed each row its latest token; returns the next-token logits [B, V]. `decode`: a DecodeStep
+        (serve/decode_step.py) to run in place of the model's forward."""
         device = self.mask.device
         ids = torch.tensor(tokens, device=device).unsqueeze(1)
         self.mask = torch.cat([self.mask, self.mask.new_ones((self.size, 1))], dim=1)
-        logits, self.cache = _forward(model, ids, self.mask, self.positions.unsqueeze(1), self.cache)
+        if decode is not None:
+            logits = decode(ids, self.mask, self.positions.unsqueeze(1), self.cache)
+        else:
+            logits, self.cache = _forward(model, ids, self.mask, self.positions.unsqueeze(1), self.cache)
         self.positions = self.positions + 1
         return logits
 
@@ -145,11 +149,11 @@ class Sampling:
         return int(torch.multinomial(probs.cpu(), 1, generator=self.generator))
 
 
-def _decode_alone(model, prompt: list[int], pad_id: int, steps: int) -> torch.Tensor:
+def _decode_alone(model, prompt: list[int], pad_id: int, steps: int, decode=None) -> torch.Tensor:
     logits, cache, mask = prefill(model, [prompt], pad_id)
     batch, rows = Batch.start(cache, mask), [logits[0]]
     for _ in range(steps):
-        rows.append(batch.step(model, [int(rows[-1].argmax())])[0])
+        rows.append(batch.step(model, [int(rows[-1].argmax())], decode)[0])
     return torch.stack(rows)
 
 
@@ -162,17 +166,41 @@ def _generate_alone(model, prompt: list[int], pad_id: int, steps: int) -> list[i
     return out[0, len(prompt):].tolist()
 
 
+def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
+    return got.shape == want.shape and torch.allclose(got, want, atol=1e-3, rtol=1e-3) \
+        and torch.equal(got.argmax(-1), want.argmax(-1))
+
+
 @torch.inference_mode()
-def batching_is_exact(model, pad_id: int, steps: int = 3) -> bool:
+def step_matches_transformers(model, decode, pad_id: int, steps: int = 4) -> bool:
+    """`decode` (a DecodeStep) gives the logits of the model's own forward (to float noise) on two prompts of
+    different lengths decoded together, left-padded, over `steps` tokens. Checked once per loaded model."""
+    prompts = [[5, 9, 13, 17, 21, 25, 29], [7, 11]]
+    feed = [[prompts[0][i % 7], prompts[1][i % 2]] for i in range(steps)]  # the same tokens for both runs
+    runs = []
+    try:
+        for d in (None, decode):
+            logits, cache, mask = prefill(model, prompts, pad_id)
+            batch = Batch.start(cache, mask)
+            runs.append(torch.stack([batch.step(model, tokens, d) for tokens in feed]))
+    except Exception:  # noqa: BLE001 - a model the step cannot drive decodes through transformers
+        return False
+    return _close(runs[1], runs[0])
+
+
+@torch.inference_mode()
+def batching_is_exact(model, pad_id: int, steps: int = 3, decode=None) -> bool:
     """The engine reproduces transformers' greedy decoding, and two prompts of different lengths decoded together
     give the logits each gives alone (to float noise) — with a row joining a running batch and staying on after the
-    other leaves. Checked once per loaded model; False for anything the engine cannot drive."""
+    other leaves. Checked once per loaded model, with the decode step it will use; False for anything the engine
+    cannot drive."""
     config = getattr(model, "active_peft_config", None)
     if config is not None and getattr(config, "is_prompt_learning", False):
         return False  # P-tuning v2: peft supplies the prefix as the model's cache on every forward
     first, second = [5, 9, 13, 17, 21, 25, 29], [7, 11]
     try:
-        expected = [_decode_alone(model, first, pad_id, steps), _decode_alone(model, second, pad_id, steps + 1)]
+        expected = [_decode_alone(model, first, pad_id, steps, decode),
+                    _decode_alone(model, second, pad_id, steps + 1, decode)]
         if expected[0].argmax(-1).tolist() != _generate_alone(model, first, pad_id, steps):
             return False
         logits, cache, mask = prefill(model, [first], pad_id)  # the first row runs, the second joins it
@@ -181,16 +209,11 @@ def batching_is_exact(model, pad_id: int, steps: int = 3) -> bool:
         batch.merge(Batch.start(cache2, mask2))
         rows = [[logits[0]], [joined[0]]]
         for _ in range(steps):
-            out = batch.step(model, [int(r[-1].argmax()) for r in rows])
+            out = batch.step(model, [int(r[-1].argmax()) for r in rows], decode)
             for r, row in enumerate(rows):
                 row.append(out[r])
         batch.keep([1])  # the first row leaves; the second goes on alone
-        rows[1].append(batch.step(model, [int(rows[1][-1].argmax())])[0])
+        rows[1].append(batch.step(model, [int(rows[1][-1].argmax())], decode)[0])
     except Exception:  # noqa: BLE001 - any model this cannot drive is served one request at a time
         return False
-    for got, want in zip(rows, expected):
-        got = torch.stack(got)
-        if got.shape != want.shape or not torch.allclose(got, want, atol=1e-3, rtol=1e-3) \
-                or not torch.equal(got.argmax(-1), want.argmax(-1)):
-            return False
-    return True
+    return all(_close(torch.stack(got), want) for got, want in zip(rows, expected))

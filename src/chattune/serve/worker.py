@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
-from chattune.serve.engine import Batch, Sampling, batching_is_exact, prefill
+from chattune.serve.decode_step import DecodeStep, why_not
+from chattune.serve.engine import Batch, Sampling, batching_is_exact, prefill, step_matches_transformers
 
 
 @dataclass
@@ -102,7 +103,7 @@ class _Row:
 
 
 class Worker:
-    def __init__(self, tuned, max_queue: int = 16, max_batch: int = 8):
+    def __init__(self, tuned, max_queue: int = 16, max_batch: int = 8, decode_step: str = "auto"):
         self.tuned = tuned
         self.jobs: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self.deferred: collections.deque[Job] = collections.deque()  # solo jobs taken from the queue, not yet run
@@ -111,10 +112,34 @@ class Worker:
         t = tuned
         self.pad_id = t.tokenizer.pad_token_id if t.tokenizer.pad_token_id is not None else t.stop_ids[0]
         # Decided before the first request, on the loaded model (a fraction of a second on small models).
-        self.batching = self.max_batch > 1 and batching_is_exact(t.model, self.pad_id)
+        self.decode, self.decode_why = self._decode_step(decode_step)
+        self.batching = self.max_batch > 1 and batching_is_exact(t.model, self.pad_id, decode=self.decode)
+        if not self.batching and self.decode is not None:  # the engine without chattune's step, or not at all
+            self.decode, self.decode_why = None, "the engine's batching check failed with it"
+            self.batching = self.max_batch > 1 and batching_is_exact(t.model, self.pad_id)
         self.largest_batch = 0  # the most requests decoded together so far (reported by /health)
         self.thread = threading.Thread(target=self._run, name="chattune-generate", daemon=True)
         self.thread.start()
+
+    def _decode_step(self, choice: str) -> tuple[DecodeStep | None, str | None]:
+        """chattune's own decode step (serve/decode_step.py) where it drives this model and gives transformers'
+        logits on it; else (None, why not)."""
+        if choice != "auto":
+            return None, "--decode-step transformers"
+        if self.max_batch == 1:
+            return None, "--max-batch 1 decodes with transformers' generate"
+        why = why_not(self.tuned.model)
+        if why:
+            return None, why
+        step = DecodeStep(self.tuned.model)
+        if not step_matches_transformers(self.tuned.model, step, self.pad_id):
+            return None, "its logits differ from transformers' on this model"
+        return step, None
+
+    @property
+    def decode_step(self) -> str:
+        """Which code runs a decode step: "chattune" (serve/decode_step.py) or "transformers"."""
+        return "chattune" if self.decode is not None else "transformers"
 
     def submit(self, job: Job) -> None:
         """Queue a job; raises queue.Full when max_queue jobs are already waiting."""
@@ -188,7 +213,7 @@ class Worker:
                     batch = None
                     self.busy.clear()
                     continue
-                for r, row_logits in zip(rows, batch.step(model, [r.new[-1] for r in rows])):
+                for r, row_logits in zip(rows, batch.step(model, [r.new[-1] for r in rows], self.decode)):
                     r.take(row_logits)
             except Exception as e:  # noqa: BLE001 - reported to every request in the batch; the worker lives on
                 for job in [r.job for r in rows if r.result is None] + newcomers:

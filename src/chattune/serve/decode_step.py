@@ -1,0 +1,125 @@
+"""chattune's own decode step for decoders laid out as Llama: one new token per row, the same maths as
+transformers' forward with about a third of its per-layer Python.
+
+Why by hand: on a CPU a small model's decode step is dominated by per-call overhead, not arithmetic. transformers'
+forward runs some 50 tensor ops and module calls per layer for one token (mask building, cache bookkeeping,
+keyword plumbing, hooks); on the bundled model that is about half of a 28 ms step even with the packed kernels
+(models/packed.py). This step calls the same modules for everything that carries weights or choices — the
+embeddings, the rotary embedding (so every RoPE scaling variant is the model's own), each projection (packed,
+fp32 or a LoRA layer alike) and the MLP's activation — and does the rest (RMSNorm as transformers computes it,
+rotary application, the cache append, attention through torch's SDPA) in a few plain ops.
+
+It is used only for what it was checked on: models whose config says Llama, Mistral (without a sliding window) or
+Qwen2 (without one in use), run as peft LoRA or plain, whose layers have the Llama shape; and the serve worker
+turns it on only after `matches_transformers` has found its logits equal to transformers' own on the loaded
+model (two prompts of different lengths, padded, over several steps). Anything else decodes through transformers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj", "act_fn")
+
+
+def _projection(module):
+    """The callable for one projection: the packed kernel directly for a plain packed nn.Linear without hooks
+    (skipping the module call), the module itself otherwise (fp32 Linear, peft LoRA layer, quantised layer)."""
+    packed = getattr(module, "_chattune_packed", None)
+    if packed is None or type(module) is not torch.nn.Linear or module._forward_hooks or module._forward_pre_hooks:
+        return module
+    from chattune.models.packed import packed_linear
+    out, bias = module.out_features, module.bias
+    return lambda x: packed_linear(x, packed, out, bias)
+
+
+class _Layer:
+    __slots__ = ("q", "k", "v", "o", "gate", "up", "down", "act", "norm1", "eps1", "norm2", "eps2", "head_dim",
+                 "scaling")
+
+    def __init__(self, layer):
+        a, mlp = layer.self_attn, layer.mlp
+        self.q, self.k, self.v, self.o = (_projection(getattr(a, n)) for n in _ATTENTION)
+        self.gate, self.up, self.down = (_projection(getattr(mlp, n)) for n in _MLP[:3])
+        self.act = mlp.act_fn
+        self.norm1, self.eps1 = layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon
+        self.norm2, self.eps2 = layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon
+        self.head_dim, self.scaling = a.head_dim, a.scaling
+
+
+def why_not(model) -> str | None:
+    """Why this step cannot drive `model` (None: it can, subject to `matches_transformers`)."""
+    peft_config = getattr(model, "active_peft_config", None)
+    if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
+        return "a P-tuning v2 prefix"
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    kind = getattr(config, "model_type", None)
+    if kind not in MODEL_TYPES:
+        return f"model type {kind!r} (chattune's step knows {', '.join(MODEL_TYPES)})"
+    if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
+        return "sliding-window attention"
+    inner = getattr(base, "model", None)
+    if not all(hasattr(inner, n) for n in ("embed_tokens", "layers", "norm", "rotary_emb")) \
+            or not hasattr(base, "lm_head"):
+        return f"{type(base).__name__} is not laid out as LlamaForCausalLM"
+    for layer in inner.layers:
+        a, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        norms = (getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None))
+        if not (all(hasattr(a, n) for n in _ATTENTION + ("head_dim", "scaling"))
+                and all(hasattr(mlp, n) for n in _MLP)
+                and all(hasattr(n, "weight") and hasattr(n, "variance_epsilon") for n in norms)) \
+                or hasattr(a, "q_norm"):
+            return f"{type(layer).__name__} is not laid out as LlamaDecoderLayer"
+    return None
+
+
+class DecodeStep:
+    """`step(ids [B, 1], mask [B, T], positions [B, 1], cache)` -> next-token logits [B, V] (fp32), appending each
+    layer's new key and value to `cache` (a DynamicCache with plain layers, as the serve engine keeps it)."""
+
+    def __init__(self, model):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        inner = base.model
+        self.embed, self.rotary = inner.embed_tokens, inner.rotary_emb
+        self.layers = [_Layer(layer) for layer in inner.layers]
+        self.norm, self.eps = inner.norm.weight, inner.norm.variance_epsilon
+        self.head = _projection(base.lm_head)
+        self.dtype = self.norm.dtype
+
+    @classmethod
+    def of(cls, model) -> "DecodeStep | None":
+        return None if why_not(model) else cls(model)
+
+    def _rms(self, x, weight, eps):  # transformers' LlamaRMSNorm, op for op (fp32 statistics)
+        if x.dtype == torch.float32:
+            return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+        h = x.float()
+        return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+    def __call__(self, ids, mask, positions, cache) -> torch.Tensor:
+        x = self.embed(ids)
+        b = x.shape[0]
+        cos, sin = self.rotary(x, positions)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        # One query per row attends to every unmasked cached slot; with no padded slot, no mask at all.
+        attend = None if bool(mask.all()) else mask[:, None, None, :].bool()
+        half = self.layers[0].head_dim // 2
+        for layer, kv in zip(self.layers, cache.layers):
+            h = self._rms(x, layer.norm1, layer.eps1)
+            q = layer.q(h).view(b, 1, -1, layer.head_dim).transpose(1, 2)
+            k = layer.k(h).view(b, 1, -1, layer.head_dim).transpose(1, 2)
+            v = layer.v(h).view(b, 1, -1, layer.head_dim).transpose(1, 2)
+            q = q * cos + torch.cat((-q[..., half:], q[..., :half]), dim=-1) * sin
+            k = k * cos + torch.cat((-k[..., half:], k[..., :half]), dim=-1) * sin
+            kv.keys = torch.cat([kv.keys, k], dim=-2)
+            kv.values = torch.cat([kv.values, v], dim=-2)
+            o = F.scaled_dot_product_attention(q, kv.keys, kv.values, attn_mask=attend, scale=layer.scaling,
+                                               enable_gqa=q.shape[1] != k.shape[1])
+            x = x + layer.o(o.transpose(1, 2).reshape(b, 1, -1))
+            h = self._rms(x, layer.norm2, layer.eps2)
+            x = x + layer.down(layer.act(layer.gate(h)) * layer.up(h))
+        return self.head(self._rms(x, self.norm, self.eps))[:, -1, :].float()

@@ -1,0 +1,135 @@
+"""chattune's own decode step (serve/decode_step.py): the logits of transformers' forward, one token per row, on
+every model layout it accepts — and a clear refusal of the others."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM)
+
+from chattune.serve.decode_step import DecodeStep, why_not
+from chattune.serve.engine import Batch, batching_is_exact, prefill, step_matches_transformers
+from tiny import VOCAB_SIZE, make_tiny_llama
+
+SMALL = dict(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+PROMPTS = [[5, 9, 13, 17, 21, 25, 29, 33, 37], [7, 11, 40]]
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    path = make_tiny_llama(tmp_path_factory.mktemp("step") / "m")
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def run(model, step, feed, pad_id=0):
+    """Logits [steps, B, V] of decoding `feed` after PROMPTS, with `step` (or transformers' forward: None)."""
+    with torch.inference_mode():
+        logits, cache, mask = prefill(model, PROMPTS, pad_id)
+        batch = Batch.start(cache, mask)
+        return torch.stack([batch.step(model, tokens, step) for tokens in feed])
+
+
+FEED = [[3, 200], [17, 17], [250, 4], [99, 100], [1, 2], [60, 61]]
+
+
+def test_llama_logits_equal_transformers_with_padding_and_rope_scaling(tmp_path, llama):
+    want, got = run(llama, None, FEED), run(llama, DecodeStep(llama), FEED)
+    assert got.shape == (6, 2, VOCAB_SIZE)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # linear RoPE scaling and a rope theta of its own: the step calls the model's rotary embedding
+    scaled = AutoModelForCausalLM.from_pretrained(make_tiny_llama(
+        tmp_path / "scaled", rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0})).eval()
+    torch.testing.assert_close(run(scaled, DecodeStep(scaled), FEED), run(scaled, None, FEED), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(run(scaled, None, FEED), want, atol=1e-3)
+
+
+def test_the_cache_grows_as_transformers_grows_it(llama):
+    caches = []
+    for step in (None, DecodeStep(llama)):
+        with torch.inference_mode():
+            logits, cache, mask = prefill(llama, PROMPTS, 0)
+            batch = Batch.start(cache, mask)
+            for tokens in FEED[:3]:
+                batch.step(llama, tokens, step)
+        caches.append(batch.cache)
+    for mine, theirs in zip(caches[1].layers, caches[0].layers):
+        assert mine.keys.shape == theirs.keys.shape == (2, 2, 9 + 3, 8)
+        torch.testing.assert_close(mine.keys, theirs.keys, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(mine.values, theirs.values, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_other_llama_layout_families(family):
+    torch.manual_seed(1)
+    if family == "qwen2":  # q/k/v with biases
+        model = Qwen2ForCausalLM(Qwen2Config(**SMALL, use_sliding_window=False, sliding_window=64)).eval()
+    else:
+        model = MistralForCausalLM(MistralConfig(**SMALL, sliding_window=None)).eval()
+    assert why_not(model) is None
+    torch.testing.assert_close(run(model, DecodeStep(model), FEED), run(model, None, FEED), atol=1e-5, rtol=1e-5)
+    assert step_matches_transformers(model, DecodeStep(model), 0)
+
+
+def test_lora_layers_are_called_as_modules(llama):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(llama, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    try:
+        model.eval()
+        assert why_not(model) is None
+        got, want = run(model, DecodeStep(model), FEED), run(model, None, FEED)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        with model.disable_adapter():
+            assert not torch.allclose(run(model, None, FEED), want, atol=1e-3)  # the adapter does change logits
+        assert batching_is_exact(model, 0, decode=DecodeStep(model))
+    finally:
+        model.unload()
+
+
+def test_bf16_within_its_rounding(llama):
+    model = llama.to(torch.bfloat16)
+    try:
+        got, want = run(model, DecodeStep(model), FEED), run(model, None, FEED)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+    finally:
+        llama.float()
+
+
+def test_what_it_refuses_and_why(llama):
+    from peft import PrefixTuningConfig, get_peft_model
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2))
+    assert "model type 'gpt2'" in why_not(gpt2)
+    windowed = MistralForCausalLM(MistralConfig(**SMALL, sliding_window=16))
+    assert why_not(windowed) == "sliding-window attention"
+    assert DecodeStep.of(windowed) is None and DecodeStep.of(llama) is not None
+    prefix = get_peft_model(AutoModelForCausalLM.from_pretrained(llama.name_or_path),
+                            PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    assert why_not(prefix) == "a P-tuning v2 prefix"
+
+
+def test_a_step_that_differs_is_caught_at_start_up(llama):
+    step = DecodeStep(llama)
+    assert step_matches_transformers(llama, step, 0)
+    step.eps = 10.0  # a final norm that is not the model's
+    assert not step_matches_transformers(llama, step, 0)
+
+
+def test_worker_uses_the_step_only_where_it_is_checked(llama):
+    from chattune.serve.worker import Worker
+
+    class Tuned:
+        model, info = llama, {}
+        stop_ids = [257]
+
+        class tokenizer:
+            pad_token_id = 0
+
+    assert Worker(Tuned, max_batch=8).decode_step == "chattune"
+    off = Worker(Tuned, max_batch=8, decode_step="transformers")
+    assert off.decode_step == "transformers" and off.decode_why == "--decode-step transformers" and off.batching
+    one = Worker(Tuned, max_batch=1)
+    assert one.decode_step == "transformers" and not one.batching
