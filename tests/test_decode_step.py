@@ -133,3 +133,25 @@ def test_worker_uses_the_step_only_where_it_is_checked(llama):
     assert off.decode_step == "transformers" and off.decode_why == "--decode-step transformers" and off.batching
     one = Worker(Tuned, max_batch=1)
     assert one.decode_step == "transformers" and not one.batching
+
+
+@pytest.mark.skipif(__import__("chattune.models.packed", fromlist=["x"]).why_unavailable() is not None,
+                    reason="packed kernel unavailable here")
+def test_packed_projections_are_fused_without_a_second_copy(tmp_path):
+    from chattune.models.packed import enable
+    from tiny import exact_tiny
+
+    model = exact_tiny(tmp_path)
+    with torch.no_grad():  # layer 1's k_proj is no longer blocks: that layer's q/k/v cannot be fused
+        model.model.layers[1].self_attn.k_proj.weight[0, 0] += 1e-3
+    assert enable(model, lambda m: None) == {"q4": 13, "q8": 1, "fp32": 1}
+    before = run(model, None, FEED)
+    step = DecodeStep(model)
+    fused, plain = step.layers
+    assert fused.qkv is not None and fused.gate_up is not None and plain.qkv is None and plain.gate_up is not None
+    attn = model.model.layers[0].self_attn
+    stacked = attn.q_proj._chattune_packed.data
+    assert attn.k_proj._chattune_packed.data.data_ptr() == stacked.data_ptr() + stacked.shape[0] * stacked.shape[1]
+    torch.testing.assert_close(run(model, None, FEED), before, atol=0, rtol=0)  # the views hold the same blocks
+    # float noise of another order of sums: these logits reach ~200 (weights of 4-bit blocks times 4)
+    torch.testing.assert_close(run(model, step, FEED), before, atol=1e-5 * float(before.abs().max()), rtol=0)

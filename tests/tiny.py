@@ -79,3 +79,35 @@ def write_jsonl(path: str | Path, records: list[dict]) -> Path:
     path = Path(path)
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     return path
+
+
+def q4_exact(o: int, k: int, seed: int = 0) -> torch.Tensor:
+    """fp32 weights that are exactly Q4_1 blocks, as the GGUF reader expands them: d * q + m (d, m fp16)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (o, k // 32, 32), generator=g).float()
+    q[..., 3], q[..., 20] = 0, 15  # every block reaches both ends of the range, as Q4_1 quantisation makes it
+    d = (torch.rand(o, k // 32, 1, generator=g) * 0.02 + 1e-3).half().float()
+    m = (-d * 7.5 + torch.randn(o, k // 32, 1, generator=g) * 1e-3).half().float()
+    return (d * q + m).reshape(o, k)
+
+
+def q8_exact(o: int, k: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-127, 128, (o, k // 32, 32), generator=g).float()
+    q[..., 5] = 127
+    d = (torch.rand(o, k // 32, 1, generator=g) * 0.01 + 1e-4).half().float()
+    return (d * q).reshape(o, k)
+
+
+def exact_tiny(tmp_path, tie: bool = False):
+    """A tiny Llama whose every linear weight is exactly Q4_1 blocks and whose output head is Q8_0 blocks."""
+    from transformers import AutoModelForCausalLM
+
+    path = make_tiny_llama(tmp_path / "m", tie_word_embeddings=tie, vocab_size=288)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for i, (name, mod) in enumerate(model.named_modules()):
+            if isinstance(mod, torch.nn.Linear):
+                o, k = mod.weight.shape
+                mod.weight.copy_(q8_exact(o, k, i) * 16 if name == "lm_head" else q4_exact(o, k, i) * 4)
+    return model

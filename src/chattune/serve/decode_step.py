@@ -36,12 +36,34 @@ def _projection(module):
     return lambda x: packed_linear(x, packed, out, bias)
 
 
+def _fused(modules):
+    """One kernel call for projections that read the same input (q/k/v, gate/up): their packed rows stacked, where
+    each is a plain packed nn.Linear of one kind. The layers' own packed weights become views of the stacked rows,
+    so nothing is held twice. None where they cannot be fused."""
+    if any(_projection(m) is m for m in modules):
+        return None
+    from chattune.models.packed import Packed, packed_linear
+    packs = [m._chattune_packed for m in modules]
+    if len({p.kind for p in packs}) != 1 or len({p.data.shape[1] for p in packs}) != 1:
+        return None
+    stacked, start = Packed(packs[0].kind, torch.cat([p.data for p in packs])), 0
+    for m in modules:
+        m._chattune_packed = Packed(stacked.kind, stacked.data[start:start + m.out_features])
+        start += m.out_features
+    bias = None if all(m.bias is None for m in modules) else \
+        torch.cat([m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features) for m in modules])
+    return lambda x: packed_linear(x, stacked, start, bias)
+
+
 class _Layer:
     __slots__ = ("q", "k", "v", "o", "gate", "up", "down", "act", "norm1", "eps1", "norm2", "eps2", "head_dim",
-                 "scaling")
+                 "scaling", "qkv", "gate_up", "q_heads", "qk_heads")
 
     def __init__(self, layer):
         a, mlp = layer.self_attn, layer.mlp
+        self.qkv, self.gate_up = _fused([a.q_proj, a.k_proj, a.v_proj]), _fused([mlp.gate_proj, mlp.up_proj])
+        self.q_heads = a.q_proj.out_features // a.head_dim
+        self.qk_heads = self.q_heads + a.k_proj.out_features // a.head_dim
         self.q, self.k, self.v, self.o = (_projection(getattr(a, n)) for n in _ATTENTION)
         self.gate, self.up, self.down = (_projection(getattr(mlp, n)) for n in _MLP[:3])
         self.act = mlp.act_fn
@@ -108,18 +130,29 @@ class DecodeStep:
         # One query per row attends to every unmasked cached slot; with no padded slot, no mask at all.
         attend = None if bool(mask.all()) else mask[:, None, None, :].bool()
         half = self.layers[0].head_dim // 2
+
+        def rotate(t):
+            return t * cos + torch.cat((-t[..., half:], t[..., :half]), dim=-1) * sin
+
         for layer, kv in zip(self.layers, cache.layers):
             h = self._rms(x, layer.norm1, layer.eps1)
-            q = layer.q(h).view(b, 1, -1, layer.head_dim).transpose(1, 2)
-            k = layer.k(h).view(b, 1, -1, layer.head_dim).transpose(1, 2)
-            v = layer.v(h).view(b, 1, -1, layer.head_dim).transpose(1, 2)
-            q = q * cos + torch.cat((-q[..., half:], q[..., :half]), dim=-1) * sin
-            k = k * cos + torch.cat((-k[..., half:], k[..., :half]), dim=-1) * sin
+            if layer.qkv is not None:  # one call; the rotation on q's and k's heads at once
+                qkv = layer.qkv(h).view(b, 1, -1, layer.head_dim).transpose(1, 2)
+                qk, v = rotate(qkv[:, :layer.qk_heads]), qkv[:, layer.qk_heads:]
+                q, k = qk[:, :layer.q_heads], qk[:, layer.q_heads:]
+            else:
+                q = rotate(layer.q(h).view(b, 1, -1, layer.head_dim).transpose(1, 2))
+                k = rotate(layer.k(h).view(b, 1, -1, layer.head_dim).transpose(1, 2))
+                v = layer.v(h).view(b, 1, -1, layer.head_dim).transpose(1, 2)
             kv.keys = torch.cat([kv.keys, k], dim=-2)
             kv.values = torch.cat([kv.values, v], dim=-2)
             o = F.scaled_dot_product_attention(q, kv.keys, kv.values, attn_mask=attend, scale=layer.scaling,
                                                enable_gqa=q.shape[1] != k.shape[1])
             x = x + layer.o(o.transpose(1, 2).reshape(b, 1, -1))
             h = self._rms(x, layer.norm2, layer.eps2)
-            x = x + layer.down(layer.act(layer.gate(h)) * layer.up(h))
+            if layer.gate_up is not None:
+                gate, up = layer.gate_up(h).chunk(2, dim=-1)
+            else:
+                gate, up = layer.gate(h), layer.up(h)
+            x = x + layer.down(layer.act(gate) * up)
         return self.head(self._rms(x, self.norm, self.eps))[:, -1, :].float()
