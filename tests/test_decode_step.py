@@ -149,9 +149,48 @@ def test_packed_projections_are_fused_without_a_second_copy(tmp_path):
     step = DecodeStep(model)
     fused, plain = step.layers
     assert fused.qkv is not None and fused.gate_up is not None and plain.qkv is None and plain.gate_up is not None
+    assert fused.native is not None and plain.native is None  # layer 0 runs in C, layer 1 in torch
     attn = model.model.layers[0].self_attn
     stacked = attn.q_proj._chattune_packed.data
     assert attn.k_proj._chattune_packed.data.data_ptr() == stacked.data_ptr() + stacked.shape[0] * stacked.shape[1]
     torch.testing.assert_close(run(model, None, FEED), before, atol=0, rtol=0)  # the views hold the same blocks
     # float noise of another order of sums: these logits reach ~200 (weights of 4-bit blocks times 4)
     torch.testing.assert_close(run(model, step, FEED), before, atol=1e-5 * float(before.abs().max()), rtol=0)
+
+
+@pytest.mark.skipif(__import__("chattune.models.packed", fromlist=["x"]).why_unavailable() is not None,
+                    reason="packed kernel unavailable here")
+@pytest.mark.parametrize("family", ["llama", "qwen2", "llama-hd12"])
+def test_the_c_layer_gives_transformers_logits(family):
+    """Fully packed layers run as two C calls each (norm, q/k/v, rotation | attention, o, norm, gate/up, SiLU,
+    down): padded and unpadded rows, q/k/v biases, a head size that is not a multiple of 8."""
+    from chattune.models.packed import enable
+    from tiny import make_block_exact
+
+    torch.manual_seed(2)
+    if family == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**SMALL, use_sliding_window=False))
+    else:
+        kw = dict(SMALL, hidden_size=96, num_attention_heads=8, num_key_value_heads=4) if family == "llama-hd12" \
+            else SMALL
+        model = AutoModelForCausalLM.from_config(__import__("transformers").LlamaConfig(**kw))
+    model = make_block_exact(model.float().eval())
+    if family == "qwen2":
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.k_proj.bias.normal_()  # biases that matter
+    enable(model, lambda m: None)
+    step = DecodeStep(model)
+    assert all(layer.native is not None for layer in step.layers)
+    want = run(model, None, FEED)
+    scale = float(want.abs().max())
+    torch.testing.assert_close(run(model, step, FEED), want, atol=1e-5 * scale, rtol=0)
+    with torch.inference_mode():  # one row, nothing padded: no mask at all
+        logits, cache, mask = prefill(model, [PROMPTS[0]], 0)
+        batch, ref = Batch.start(cache, mask), []
+        logits2, cache2, mask2 = prefill(model, [PROMPTS[0]], 0)
+        batch2 = Batch.start(cache2, mask2)
+        for tokens in FEED:
+            ref.append(batch.step(model, tokens[:1]))
+            torch.testing.assert_close(batch2.step(model, tokens[:1], step), ref[-1], atol=1e-5 * scale, rtol=0)
+    assert step_matches_transformers(model, step, 0) and batching_is_exact(model, 0, decode=step)

@@ -99,15 +99,19 @@ def q8_exact(o: int, k: int, seed: int = 0) -> torch.Tensor:
     return (d * q).reshape(o, k)
 
 
-def exact_tiny(tmp_path, tie: bool = False):
-    """A tiny Llama whose every linear weight is exactly Q4_1 blocks and whose output head is Q8_0 blocks."""
-    from transformers import AutoModelForCausalLM
-
-    path = make_tiny_llama(tmp_path / "m", tie_word_embeddings=tie, vocab_size=288)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+def make_block_exact(model):
+    """Every linear weight of `model` set to exact Q4_1 blocks, the output head (`lm_head`) to Q8_0 blocks."""
     with torch.no_grad():
         for i, (name, mod) in enumerate(model.named_modules()):
             if isinstance(mod, torch.nn.Linear):
                 o, k = mod.weight.shape
                 mod.weight.copy_(q8_exact(o, k, i) * 16 if name == "lm_head" else q4_exact(o, k, i) * 4)
     return model
+
+
+def exact_tiny(tmp_path, tie: bool = False):
+    """A tiny Llama whose every linear weight is exactly Q4_1 blocks and whose output head is Q8_0 blocks."""
+    from transformers import AutoModelForCausalLM
+
+    path = make_tiny_llama(tmp_path / "m", tie_word_embeddings=tie, vocab_size=288)
+    return make_block_exact(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval())

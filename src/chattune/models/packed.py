@@ -16,6 +16,11 @@ float noise (tested against the fp32 result); a row's result never depends on th
 calls with at most `MAX_ROWS` rows (decode steps) use the kernel; longer inputs (prefill) go to torch's matmul,
 and so does anything that needs gradients.
 
+The same library carries one decoder layer of a decode step in two C calls (`layer_front`: RMSNorm, the fused
+q/k/v projection, the rotary rotation; `layer_back`: attention over the cache, o_proj, residual, RMSNorm, the
+fused gate/up projection, SiLU, down_proj, residual), which serve/decode_step.py uses for Llama-layout layers whose
+projections are all packed: a layer then costs two calls from Python instead of some thirty tensor ops.
+
 The kernel parallelises with OpenMP: linked against libgomp by soname, it shares the runtime torch already loaded
 (and torch's thread count), so the two never compete with two pools of spinning threads.
 """
@@ -37,6 +42,7 @@ BLOCK = 32
 
 _SOURCE = r"""
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -148,6 +154,118 @@ void q8_matmul(const float *x, int M, int K, const uint8_t *w, int O, float *y, 
         Q8[n - 1](x + (size_t)r * K, K, w, O, y + (size_t)r * O, threads);
     }
 }
+
+/* ---- One decoder layer of a decode step, in two calls (serve/decode_step.py), for Llama-layout layers whose
+   seven projections are all packed. Between the two, Python appends the new keys and values to the cache. ---- */
+
+static void matmul(int kind, const float *x, int M, int K, const uint8_t *w, int O, const float *bias, float *y,
+                   int threads) {
+    if (kind == 4) q4_matmul(x, M, K, w, O, y, threads); else q8_matmul(x, M, K, w, O, y, threads);
+    if (bias) for (int m = 0; m < M; m++) for (int o = 0; o < O; o++) y[(size_t)m * O + o] += bias[o];
+}
+
+/* y = weight * x / sqrt(mean(x^2) + eps), row by row, with fp32 statistics (transformers' LlamaRMSNorm). */
+static void rms_norm(const float *x, int M, int K, const float *weight, float eps, float *y) {
+    for (int m = 0; m < M; m++) {
+        const float *r = x + (size_t)m * K;
+        float *out = y + (size_t)m * K;
+        float ss = 0.0f;
+        for (int k = 0; k < K; k++) ss += r[k] * r[k];
+        const float scale = 1.0f / sqrtf(ss / K + eps);
+        for (int k = 0; k < K; k++) out[k] = weight[k] * (r[k] * scale);
+    }
+}
+
+/* Front half: h = norm(x); y = h W_qkv^T (+ bias) as [q heads | k heads | v heads] per row; then the rotary
+   rotation (x*cos + rotate_half(x)*sin) on the q and k heads, cos/sin [M, hd] per row. */
+void layer_front(const float *x, int M, int K, const float *norm, float eps, int kind, const uint8_t *w, int O,
+                 const float *bias, const float *cos, const float *sin, int hd, int qk_heads, float *y, int threads) {
+    float *h = (float *)malloc(sizeof(float) * (size_t)M * K);
+    rms_norm(x, M, K, norm, eps, h);
+    matmul(kind, h, M, K, w, O, bias, y, threads);
+    free(h);
+    const int half = hd / 2;
+    for (int m = 0; m < M; m++) {
+        const float *c = cos + (size_t)m * hd, *s = sin + (size_t)m * hd;
+        for (int j = 0; j < qk_heads; j++) {
+            float *t = y + (size_t)m * O + (size_t)j * hd;
+            for (int i = 0; i < half; i++) {
+                const float a = t[i], b = t[i + half];
+                t[i] = a * c[i] - b * s[i];
+                t[i + half] = b * c[i + half] + a * s[i + half];
+            }
+        }
+    }
+}
+
+static inline float dot(const float *a, const float *b, int n) {
+    int i = 0;
+    float r = 0.0f;
+    if (n >= 8) {
+        __m256 acc = _mm256_setzero_ps();
+        for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+        r = hsum(acc);
+    }
+    for (; i < n; i++) r += a[i] * b[i];
+    return r;
+}
+
+/* Attention of one new query per row and head over the cache keys/values [M, kv_heads, T, hd] (grouped-query:
+   query head j reads kv head j / (heads / kv_heads)); mask [M, T] (nonzero: attend) or NULL. out [M, heads*hd]. */
+static void attend(const float *y, int ystride, int M, int heads, int kv_heads, int hd, const float *keys,
+                   const float *values, int T, const int64_t *mask, float scale, float *out, int threads) {
+    const int group = heads / kv_heads;
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int p = 0; p < M * heads; p++) {
+        const int m = p / heads, j = p % heads;
+        const float *q = y + (size_t)m * ystride + (size_t)j * hd;
+        const size_t base = ((size_t)m * kv_heads + j / group) * (size_t)T * hd;
+        const float *kk = keys + base, *vv = values + base;
+        float *o = out + (size_t)m * heads * hd + (size_t)j * hd;
+        float *w = (float *)malloc(sizeof(float) * (size_t)T);
+        float top = -INFINITY;
+        for (int t = 0; t < T; t++) {
+            if (mask && !mask[(size_t)m * T + t]) { w[t] = -INFINITY; continue; }
+            w[t] = dot(q, kk + (size_t)t * hd, hd) * scale;
+            if (w[t] > top) top = w[t];
+        }
+        float sum = 0.0f;
+        for (int t = 0; t < T; t++) { w[t] = w[t] == -INFINITY ? 0.0f : expf(w[t] - top); sum += w[t]; }
+        for (int i = 0; i < hd; i++) o[i] = 0.0f;
+        for (int t = 0; t < T; t++) {
+            if (w[t] == 0.0f) continue;
+            const float a = w[t] / sum;
+            const float *v = vv + (size_t)t * hd;
+            for (int i = 0; i < hd; i++) o[i] += a * v[i];
+        }
+        free(w);
+    }
+}
+
+/* Back half, in place on x [M, K]: x += o_proj(attention); x += down(silu(gate(h)) * up(h)), h = norm2(x). */
+void layer_back(float *x, int M, int K, const float *y, int ystride, int heads, int kv_heads, int hd,
+                const float *keys, const float *values, int T, const int64_t *mask, float scale,
+                int kind_o, const uint8_t *wo, const float *bo, const float *norm, float eps,
+                int kind_gu, const uint8_t *wgu, const float *bgu, int inter, int kind_d, const uint8_t *wd,
+                const float *bd, int threads) {
+    const int width = heads * hd;
+    float *a = (float *)malloc(sizeof(float) * (size_t)M * (width > K ? width : K));
+    float *t = (float *)malloc(sizeof(float) * (size_t)M * K);
+    float *gu = (float *)malloc(sizeof(float) * (size_t)M * 2 * inter);
+    attend(y, ystride, M, heads, kv_heads, hd, keys, values, T, mask, scale, a, threads);
+    matmul(kind_o, a, M, width, wo, K, bo, t, threads);
+    for (size_t i = 0; i < (size_t)M * K; i++) x[i] += t[i];
+    rms_norm(x, M, K, norm, eps, a);
+    matmul(kind_gu, a, M, K, wgu, 2 * inter, bgu, gu, threads);
+    for (int m = 0; m < M; m++) {  /* silu(gate) * up, into the first `inter` columns of each row */
+        float *g = gu + (size_t)m * 2 * inter, *u = g + inter;
+        for (int i = 0; i < inter; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+        if (m) memmove(gu + (size_t)m * inter, g, sizeof(float) * inter);
+    }
+    matmul(kind_d, gu, M, inter, wd, K, bd, t, threads);
+    for (size_t i = 0; i < (size_t)M * K; i++) x[i] += t[i];
+    free(a); free(t); free(gu);
+}
 """
 
 _LIB = None
@@ -185,7 +303,7 @@ def _library():
         tmp = folder / f".packed-{digest}.{os.getpid()}.so"
         compiler = os.environ.get("CC", "cc")
         subprocess.run([compiler, "-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", str(src), "-o",
-                        str(tmp)], check=True, capture_output=True, text=True)
+                        str(tmp), "-lm"], check=True, capture_output=True, text=True)
         os.replace(tmp, so)  # atomic: a concurrent build or a crash never leaves half a library
         for old in folder.glob("packed-*"):  # builds of earlier versions of the source
             if old.stem != so.stem:
@@ -195,6 +313,10 @@ def _library():
     lib.q4_matmul.argtypes = [p, i, i, p, i, p, i]
     lib.q8_matmul.argtypes = [p, i, i, p, i, p, i]
     lib.q4_matmul.restype = lib.q8_matmul.restype = None
+    f = ctypes.c_float
+    lib.layer_front.argtypes = [p, i, i, p, f, i, p, i, p, p, p, i, i, p, i]
+    lib.layer_back.argtypes = [p, i, i, p, i, i, i, i, p, p, i, p, f, i, p, p, p, f, i, p, p, i, i, p, p, i]
+    lib.layer_front.restype = lib.layer_back.restype = None
     _LIB = lib
     return lib
 

@@ -7,7 +7,9 @@ keyword plumbing, hooks); on the bundled model that is about half of a 28 ms ste
 (models/packed.py). This step calls the same modules for everything that carries weights or choices — the
 embeddings, the rotary embedding (so every RoPE scaling variant is the model's own), each projection (packed,
 fp32 or a LoRA layer alike) and the MLP's activation — and does the rest (RMSNorm as transformers computes it,
-rotary application, the cache append, attention through torch's SDPA) in a few plain ops.
+rotary application, the cache append, attention through torch's SDPA) in a few plain ops. A layer whose seven
+projections are all packed (models/packed.py) runs as two C calls (`layer_front`, `layer_back`) around the cache
+append, the rest of its maths included.
 
 It is used only for what it was checked on: models whose config says Llama, Mistral (without a sliding window) or
 Qwen2 (without one in use), run as peft LoRA or plain, whose layers have the Llama shape; and the serve worker
@@ -52,12 +54,22 @@ def _fused(modules):
         start += m.out_features
     bias = None if all(m.bias is None for m in modules) else \
         torch.cat([m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features) for m in modules])
-    return lambda x: packed_linear(x, stacked, start, bias)
+    fused = lambda x: packed_linear(x, stacked, start, bias)  # noqa: E731
+    fused.packed, fused.bias = stacked, bias  # for the native layer below
+    return fused
+
+
+def _packed_args(module) -> tuple | None:
+    """(kind 4|8, blocks address, bias address or None) of a plain packed nn.Linear without hooks, else None."""
+    if _projection(module) is module:
+        return None
+    packed = module._chattune_packed
+    return 4 if packed.kind == "q4" else 8, packed.ptr, None if module.bias is None else module.bias.data_ptr()
 
 
 class _Layer:
     __slots__ = ("q", "k", "v", "o", "gate", "up", "down", "act", "norm1", "eps1", "norm2", "eps2", "head_dim",
-                 "scaling", "qkv", "gate_up", "q_heads", "qk_heads")
+                 "scaling", "qkv", "gate_up", "q_heads", "qk_heads", "native", "keep")
 
     def __init__(self, layer):
         a, mlp = layer.self_attn, layer.mlp
@@ -70,6 +82,25 @@ class _Layer:
         self.norm1, self.eps1 = layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon
         self.norm2, self.eps2 = layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon
         self.head_dim, self.scaling = a.head_dim, a.scaling
+        self.native = self._native(a, mlp)
+
+    def _native(self, a, mlp) -> tuple | None:
+        """The arguments of the C layer (models/packed.py: layer_front, layer_back) where all seven projections
+        are packed, q/k/v and gate/up fused, and the activation is SiLU; else None (this layer runs in torch)."""
+        o, down = _packed_args(a.o_proj), _packed_args(mlp.down_proj)
+        if self.qkv is None or self.gate_up is None or o is None or down is None \
+                or not isinstance(self.act, torch.nn.SiLU) and type(self.act).__name__ != "SiLUActivation" \
+                or self.norm1.dtype != torch.float32 or self.head_dim % 2:
+            return None
+        qkv, gu = self.qkv, self.gate_up
+        self.keep = [t for t in (qkv.bias, gu.bias) if t is not None]  # the fused biases live as long as the layer
+        address = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+        kind = lambda p: 4 if p.kind == "q4" else 8  # noqa: E731
+        front = (self.norm1.data_ptr(), self.eps1, kind(qkv.packed), qkv.packed.ptr, a.q_proj.out_features
+                 + a.k_proj.out_features + a.v_proj.out_features, address(qkv.bias))
+        back = (o, (self.norm2.data_ptr(), self.eps2), (kind(gu.packed), gu.packed.ptr, address(gu.bias)),
+                mlp.down_proj.in_features, down)
+        return front, back
 
 
 def why_not(model) -> str | None:
@@ -113,7 +144,7 @@ class DecodeStep:
         self.dtype = self.norm.dtype
 
     @classmethod
-    def of(cls, model) -> "DecodeStep | None":
+    def of(cls, model) -> "DecodeStep | None":  # noqa: D102
         return None if why_not(model) else cls(model)
 
     def _rms(self, x, weight, eps):  # transformers' LlamaRMSNorm, op for op (fp32 statistics)
@@ -134,7 +165,13 @@ class DecodeStep:
         def rotate(t):
             return t * cos + torch.cat((-t[..., half:], t[..., :half]), dim=-1) * sin
 
+        native = None
         for layer, kv in zip(self.layers, cache.layers):
+            if layer.native is not None:
+                if native is None:
+                    native = _NativeStep(x, cos, sin, mask, attend is None)
+                x = native.layer(layer, kv, x)
+                continue
             h = self._rms(x, layer.norm1, layer.eps1)
             if layer.qkv is not None:  # one call; the rotation on q's and k's heads at once
                 qkv = layer.qkv(h).view(b, 1, -1, layer.head_dim).transpose(1, 2)
@@ -156,3 +193,36 @@ class DecodeStep:
                 gate, up = layer.gate(h), layer.up(h)
             x = x + layer.down(layer.act(gate) * up)
         return self.head(self._rms(x, self.norm, self.eps))[:, -1, :].float()
+
+
+class _NativeStep:
+    """The C layer's per-step arguments: its own x [B, H] (updated in place by each C layer), cos/sin [B, hd], the
+    mask [B, T] as int64 (NULL when no slot is padded), the thread count."""
+
+    def __init__(self, x, cos, sin, mask, unpadded: bool):
+        from chattune.models.packed import _LIB, _library
+
+        self.lib = _LIB or _library()
+        self.b, self.width = x.shape[0], x.shape[-1]
+        self.x, self.shape = torch.empty(self.b, self.width), x.shape
+        self.cos, self.sin = cos.reshape(self.b, -1).contiguous(), sin.reshape(self.b, -1).contiguous()
+        self.mask = None if unpadded else mask.to(torch.int64).contiguous()
+        self.threads = torch.get_num_threads()
+
+    def layer(self, layer, kv, x: torch.Tensor) -> torch.Tensor:
+        """Layer `layer` on the hidden states `x` (the previous layer's output); returns the new ones."""
+        if x.data_ptr() != self.x.data_ptr():  # the embeddings, or the output of a layer that ran in torch
+            self.x.copy_(x.reshape(self.b, self.width))
+        (norm1, eps1, kind, blocks, width, bias), (o, (norm2, eps2), gate_up, inter, down) = layer.native
+        b, hd = self.b, layer.head_dim
+        y = torch.empty(b, width)
+        self.lib.layer_front(self.x.data_ptr(), b, self.width, norm1, eps1, kind, blocks, width, bias,
+                             self.cos.data_ptr(), self.sin.data_ptr(), hd, layer.qk_heads, y.data_ptr(), self.threads)
+        heads = y.view(b, -1, 1, hd)
+        kv.keys = torch.cat([kv.keys, heads[:, layer.q_heads:layer.qk_heads]], dim=-2)
+        kv.values = torch.cat([kv.values, heads[:, layer.qk_heads:]], dim=-2)
+        self.lib.layer_back(self.x.data_ptr(), b, self.width, y.data_ptr(), width, layer.q_heads,
+                            layer.qk_heads - layer.q_heads, hd, kv.keys.data_ptr(), kv.values.data_ptr(),
+                            kv.keys.shape[2], None if self.mask is None else self.mask.data_ptr(), layer.scaling,
+                            *o, norm2, eps2, *gate_up, inter, *down, self.threads)
+        return self.x.view(self.shape)
