@@ -13,7 +13,7 @@ append, the rest of its maths included.
 
 It is used only for what it was checked on: models whose config says Llama, Mistral (without a sliding window) or
 Qwen2 (without one in use), run as peft LoRA or plain, whose layers have the Llama shape; and the serve worker
-turns it on only after `matches_transformers` has found its logits equal to transformers' own on the loaded
+turns it on only after `engine.step_matches_transformers` has found its logits equal to transformers' own on the loaded
 model (two prompts of different lengths, padded, over several steps). Anything else decodes through transformers.
 """
 
