@@ -123,7 +123,7 @@ def test_bundled_model_decodes_from_its_exact_blocks(bundled):
     assert answer() == fp32
 
     # serve's engine with chattune's own decode step: checked at start-up, and the same greedy answer
-    from chattune.serve.decode_step import DecodeStep
+    from chattune.models.decode_step import DecodeStep
     from chattune.serve.engine import Batch, prefill, step_matches_transformers
 
     step, pad = DecodeStep.of(tuned.model), tuned.tokenizer.pad_token_id

@@ -68,7 +68,8 @@ def test_train_then_chat(tiny, tmp_path):
     assert json.loads((out / "chattune.json").read_text())["method"] == "lora"
     r = chattune("chat", "--adapter", str(out), "--prompt", "say a", "--max-new-tokens", "5")
     assert r.returncode == 0, r.stderr
-    # the CLI prints exactly the model's greedy answer, as the library generates it
+    assert "decode step: chattune's own (checked against transformers'" in r.stderr
+    # the CLI prints exactly the model's greedy answer, as the library generates it (through transformers' forward)
     from chattune.chat import answer_once
     from chattune.inference import load_tuned
 

@@ -1,4 +1,4 @@
-"""chattune's own decode step (serve/decode_step.py): the logits of transformers' forward, one token per row, on
+"""chattune's own decode step (models/decode_step.py): the logits of transformers' forward, one token per row, on
 every model layout it accepts — and a clear refusal of the others."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM,
                           Qwen2Config, Qwen2ForCausalLM)
 
-from chattune.serve.decode_step import DecodeStep, why_not
+from chattune.models.decode_step import DecodeStep, why_not
 from chattune.serve.engine import Batch, batching_is_exact, prefill, step_matches_transformers
 from tiny import VOCAB_SIZE, make_tiny_llama
 
@@ -194,3 +194,56 @@ def test_the_c_layer_gives_transformers_logits(family):
             ref.append(batch.step(model, tokens[:1]))
             torch.testing.assert_close(batch2.step(model, tokens[:1], step), ref[-1], atol=1e-5 * scale, rtol=0)
     assert step_matches_transformers(model, step, 0) and batching_is_exact(model, 0, decode=step)
+
+
+def _generate(model, **kw):
+    ids = torch.tensor([[0] * 6 + PROMPTS[1], PROMPTS[0]])
+    mask = (torch.arange(9) >= torch.tensor([[6], [0]])).long()
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, pad_token_id=0,
+                             output_scores=True, return_dict_in_generate=True, **kw)
+    return out.sequences, torch.stack(out.scores)
+
+
+def test_generate_decodes_through_the_step_with_the_same_tokens(llama, monkeypatch):
+    from chattune.models.decode_step import enable_for_generate, install, uninstall
+
+    greedy = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    want = _generate(llama, **greedy)
+    torch.manual_seed(3)
+    sampled = _generate(llama, do_sample=True, temperature=1.0, top_p=0.9)[0]
+    calls = []
+    real = DecodeStep.__call__
+    monkeypatch.setattr(DecodeStep, "__call__", lambda self, *a: calls.append(1) or real(self, *a))
+    lines = []
+    assert enable_for_generate(llama, 0, lines.append) and "chattune's own" in lines[0]
+    try:
+        calls.clear()
+        got = _generate(llama, **greedy)
+        assert len(calls) == 7  # every token after the first (the prefill's) came from the step
+        assert torch.equal(got[0], want[0])
+        torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+        torch.manual_seed(3)
+        assert torch.equal(_generate(llama, do_sample=True, temperature=1.0, top_p=0.9)[0], sampled)
+        # anything but a plain decode step goes to the model's own forward: prefill, training with labels
+        calls.clear()
+        ids = torch.tensor([PROMPTS[0]])
+        with torch.no_grad():
+            loss = llama(input_ids=ids, labels=ids).loss
+        assert calls == [] and loss.ndim == 0
+    finally:
+        uninstall(llama)
+    assert not hasattr(llama.forward, "chattune_original")
+
+    # a step whose logits are not transformers' is refused, and the model's forward is left as it was
+    monkeypatch.setattr(DecodeStep, "__call__", lambda self, *a: real(self, *a) + 1.0 * (torch.arange(VOCAB_SIZE) == 7))
+    lines.clear()
+    assert not enable_for_generate(llama, 0, lines.append)
+    assert lines == ["decode step: transformers' forward (its logits differ from transformers' on this model)"]
+    assert not hasattr(llama.forward, "chattune_original")
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2))
+    lines.clear()
+    assert not enable_for_generate(gpt2, 0, lines.append) and "model type 'gpt2'" in lines[0]
+    install(llama, DecodeStep(llama))
+    uninstall(llama)
+    assert not hasattr(llama.forward, "chattune_original")

@@ -19,6 +19,13 @@ def add_packed_option(p) -> None:
                         "(the bundled model's) from those blocks; off: torch's fp32 matmuls everywhere")
 
 
+def add_decode_step_option(p) -> None:
+    """`--decode-step auto|transformers` of `chat` and `serve` (models/decode_step.py)."""
+    p.add_argument("--decode-step", choices=["auto", "transformers"], default="auto",
+                   help="auto (default): chattune's own decode step for Llama-layout models where it gives "
+                        "transformers' logits (checked at start-up); transformers: the model's own forward")
+
+
 def model_config(command: str, adapter: str | None, model: str | None, overrides: list[str],
                  applies: dict[str, str], inherited: tuple[str, ...] = (), hints: dict[str, str] | None = None,
                  log=print):

@@ -1,6 +1,6 @@
 """`chattune chat (--adapter DIR | --model DIR) [--prompt TEXT]`."""
 
-from chattune.commands import add_packed_option
+from chattune.commands import add_decode_step_option, add_packed_option
 
 HELP = "talk to a tuned or plain model in the terminal"
 
@@ -15,6 +15,7 @@ def configure(p) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     add_packed_option(p)
+    add_decode_step_option(p)
 
 
 def run(args) -> int:
@@ -24,6 +25,11 @@ def run(args) -> int:
 
     tuned = load_tuned(adapter=args.adapter, model=args.model, template=args.template, log=log,
                        packed=args.packed == "auto")
+    if args.decode_step == "auto":
+        from chattune.models.decode_step import enable_for_generate
+
+        pad = tuned.tokenizer.pad_token_id
+        enable_for_generate(tuned.model, pad if pad is not None else tuned.stop_ids[0], log)
     if args.prompt is not None:
         print(answer_once(tuned, args.prompt, args.system, args.max_new_tokens, args.temperature))
         return 0

@@ -1,6 +1,6 @@
 """`chattune serve (--adapter DIR | --model DIR) [--host 127.0.0.1] [--port 8000] ... [key=value ...]`."""
 
-from chattune.commands import add_packed_option
+from chattune.commands import add_decode_step_option, add_packed_option
 
 HELP = "serve a model: OpenAI-compatible /v1/chat/completions and a web chat page at /"
 
@@ -28,9 +28,7 @@ def configure(p) -> None:
     p.add_argument("--device-map", default=None, help="`auto`: spread a large model over the visible GPUs")
     p.add_argument("--template", help="override the template (default: the one the run used); = template=NAME")
     add_packed_option(p)
-    p.add_argument("--decode-step", choices=["auto", "transformers"], default="auto",
-                   help="auto (default): chattune's own decode step for Llama-layout models where it gives "
-                        "transformers' logits (checked at start-up); transformers: the model's own forward")
+    add_decode_step_option(p)
     p.add_argument("args", nargs="*", metavar="key=value", help="run-config overrides: " + ", ".join(KEYS))
 
 

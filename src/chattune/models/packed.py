@@ -18,7 +18,7 @@ and so does anything that needs gradients.
 
 The same library carries one decoder layer of a decode step in two C calls (`layer_front`: RMSNorm, the fused
 q/k/v projection, the rotary rotation; `layer_back`: attention over the cache, o_proj, residual, RMSNorm, the
-fused gate/up projection, SiLU, down_proj, residual), which serve/decode_step.py uses for Llama-layout layers whose
+fused gate/up projection, SiLU, down_proj, residual), which models/decode_step.py uses for Llama-layout layers whose
 projections are all packed: a layer then costs two calls from Python instead of some thirty tensor ops.
 
 The kernel parallelises with OpenMP: linked against libgomp by soname, it shares the runtime torch already loaded
@@ -155,7 +155,7 @@ void q8_matmul(const float *x, int M, int K, const uint8_t *w, int O, float *y, 
     }
 }
 
-/* ---- One decoder layer of a decode step, in two calls (serve/decode_step.py), for Llama-layout layers whose
+/* ---- One decoder layer of a decode step, in two calls (models/decode_step.py), for Llama-layout layers whose
    seven projections are all packed. Between the two, Python appends the new keys and values to the cache. ---- */
 
 static void matmul(int kind, const float *x, int M, int K, const uint8_t *w, int O, const float *bias, float *y,

@@ -107,7 +107,7 @@ class Batch:
 
     def step(self, model, tokens: list[int], decode=None) -> torch.Tensor:
         """Feed each row its latest token; returns the next-token logits [B, V]. `decode`: a DecodeStep
-        (serve/decode_step.py) to run in place of the model's forward."""
+        (models/decode_step.py) to run in place of the model's forward."""
         device = self.mask.device
         ids = torch.tensor(tokens, device=device).unsqueeze(1)
         self.mask = torch.cat([self.mask, self.mask.new_ones((self.size, 1))], dim=1)

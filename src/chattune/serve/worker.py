@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
-from chattune.serve.decode_step import DecodeStep, why_not
+from chattune.models.decode_step import DecodeStep, why_not
 from chattune.serve.engine import Batch, Sampling, batching_is_exact, prefill, step_matches_transformers
 
 
@@ -122,7 +122,7 @@ class Worker:
         self.thread.start()
 
     def _decode_step(self, choice: str) -> tuple[DecodeStep | None, str | None]:
-        """chattune's own decode step (serve/decode_step.py) where it drives this model and gives transformers'
+        """chattune's own decode step (models/decode_step.py) where it drives this model and gives transformers'
         logits on it; else (None, why not)."""
         if choice != "auto":
             return None, "--decode-step transformers"
@@ -138,7 +138,7 @@ class Worker:
 
     @property
     def decode_step(self) -> str:
-        """Which code runs a decode step: "chattune" (serve/decode_step.py) or "transformers"."""
+        """Which code runs a decode step: "chattune" (models/decode_step.py) or "transformers"."""
         return "chattune" if self.decode is not None else "transformers"
 
     def submit(self, job: Job) -> None:

@@ -19,6 +19,8 @@ model (two prompts of different lengths, padded, over several steps). Anything e
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 
@@ -226,3 +228,89 @@ class _NativeStep:
                             kv.keys.shape[2], None if self.mask is None else self.mask.data_ptr(), layer.scaling,
                             *o, norm2, eps2, *gate_up, inter, *down, self.threads)
         return self.x.view(self.shape)
+
+
+def _plain_dynamic(cache) -> bool:
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    return type(cache) is DynamicCache and bool(cache.layers) and all(type(c) is DynamicLayer for c in cache.layers)
+
+
+_HARMLESS = {"input_ids", "attention_mask", "past_key_values", "use_cache", "position_ids", "cache_position",
+             "logits_to_keep", "return_dict"}
+
+
+def install(model, step: DecodeStep) -> None:
+    """Route the decode steps of transformers' `generate` on `model` through `step`: a forward call with one new
+    token per row on a plain dynamic cache and a 2-D mask, asking for nothing else, gets `step`'s logits; every
+    other call (prefill, training, extra outputs) goes to the model's own forward. `uninstall` undoes it."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    original = base.forward
+
+    def forward(*args, **kwargs):
+        ids, cache, mask = kwargs.get("input_ids"), kwargs.get("past_key_values"), kwargs.get("attention_mask")
+        if (not args and ids is not None and ids.dim() == 2 and ids.shape[1] == 1
+                and kwargs.get("use_cache") is not False and _plain_dynamic(cache) and not torch.is_grad_enabled()
+                and all(k in _HARMLESS or v is None or v is False for k, v in kwargs.items())):
+            seen, rows = cache.get_seq_length(), ids.shape[0]
+            if mask is None:
+                mask = torch.ones(rows, seen + 1, dtype=torch.long, device=ids.device)
+            if seen > 0 and mask.dim() == 2 and mask.shape[1] == seen + 1:
+                positions = kwargs.get("position_ids")
+                if positions is None:  # as transformers derives them: the slot index, padding included
+                    at = kwargs.get("cache_position")
+                    positions = (at.view(1, 1) if at is not None else
+                                 torch.tensor([[seen]], device=ids.device)).expand(rows, 1)
+                logits = step(ids, mask, positions, cache)
+                return CausalLMOutputWithPast(logits=logits[:, None, :], past_key_values=cache)
+        return original(*args, **kwargs)
+
+    # transformers' generate reads the forward's signature to choose its inputs (position ids from the mask, the
+    # mask dropped when nothing is padded): the wrapper shows the original's, so generate passes what it always does.
+    forward.__signature__ = inspect.signature(original)
+    forward.chattune_original = original
+    base.forward = forward
+
+
+def uninstall(model) -> None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    original = getattr(base.forward, "chattune_original", None)
+    if original is not None:
+        base.forward = original
+
+
+@torch.inference_mode()
+def _greedy_scores(model, prompts, pad_id: int, steps: int):
+    ids = torch.tensor([[pad_id] * (max(map(len, prompts)) - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (ids.shape[1] - len(p)) + [1] * len(p) for p in prompts])
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps,
+                         do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad_id,
+                         output_scores=True, return_dict_in_generate=True)
+    return out.sequences, torch.stack(out.scores).float()
+
+
+def enable_for_generate(model, pad_id: int, log=print) -> bool:
+    """`chattune chat`: transformers' `generate` decodes through chattune's step where that step drives this model
+    and gives the same greedy tokens and scores (to 1e-3) on two left-padded probe prompts; says which."""
+    why = why_not(model)
+    if why is None:
+        probe, step = [[5, 9, 13, 17, 21, 25, 29], [7, 11]], DecodeStep(model)
+        try:
+            want = _greedy_scores(model, probe, pad_id, 4)
+            install(model, step)
+            got = _greedy_scores(model, probe, pad_id, 4)
+            if not (torch.equal(got[0], want[0]) and torch.allclose(got[1], want[1], atol=1e-3, rtol=1e-3)):
+                why = "its logits differ from transformers' on this model"
+        except Exception as e:  # noqa: BLE001 - any model the step cannot drive decodes through transformers
+            why = f"{type(e).__name__}: {e}"
+        if why:
+            uninstall(model)
+    if why:
+        log(f"decode step: transformers' forward ({why})")
+        return False
+    log("decode step: chattune's own (checked against transformers' on this model; --decode-step transformers: "
+        "the model's forward)")
+    return True
