@@ -149,7 +149,7 @@ def test_packed_projections_are_fused_without_a_second_copy(tmp_path):
     step = DecodeStep(model)
     fused, plain = step.layers
     assert fused.qkv is not None and fused.gate_up is not None and plain.qkv is None and plain.gate_up is not None
-    assert fused.native is not None and plain.native is None  # layer 0 runs in C, layer 1 in torch
+    assert fused.native and not plain.native  # layer 0 runs in C, layer 1 in torch
     attn = model.model.layers[0].self_attn
     stacked = attn.q_proj._chattune_packed.data
     assert attn.k_proj._chattune_packed.data.data_ptr() == stacked.data_ptr() + stacked.shape[0] * stacked.shape[1]
@@ -181,7 +181,7 @@ def test_the_c_layer_gives_transformers_logits(family):
                 layer.self_attn.k_proj.bias.normal_()  # biases that matter
     enable(model, lambda m: None)
     step = DecodeStep(model)
-    assert all(layer.native is not None for layer in step.layers)
+    assert all(layer.native for layer in step.layers)
     want = run(model, None, FEED)
     scale = float(want.abs().max())
     torch.testing.assert_close(run(model, step, FEED), want, atol=1e-5 * scale, rtol=0)
@@ -247,3 +247,37 @@ def test_generate_decodes_through_the_step_with_the_same_tokens(llama, monkeypat
     install(llama, DecodeStep(llama))
     uninstall(llama)
     assert not hasattr(llama.forward, "chattune_original")
+
+
+@pytest.mark.skipif(__import__("chattune.models.packed", fromlist=["x"]).why_unavailable() is not None,
+                    reason="packed kernel unavailable here")
+@pytest.mark.parametrize("targets,dora", [("all-linear", False), (["q_proj", "v_proj", "down_proj"], False),
+                                          ("all-linear", True)])
+def test_lora_over_packed_layers(tmp_path, targets, dora):
+    """A LoRA adapter over packed base layers (`serve --adapter` on the bundled model): plain LoRA is folded into
+    the fused groups and runs in the C layer — one down-projection for q/k/v, a block-diagonal up-projection with
+    zeros where a projection has no adapter; DoRA is left to peft's own module calls."""
+    from peft import LoraConfig, get_peft_model
+
+    from chattune.models.packed import enable
+    from tiny import exact_tiny
+
+    torch.manual_seed(4)
+    model = get_peft_model(exact_tiny(tmp_path), LoraConfig(r=4, lora_alpha=16, target_modules=targets,
+                                                            init_lora_weights=False, use_dora=dora)).eval()
+    assert enable(model, lambda m: None)["q4"] == 14
+    step = DecodeStep(model)
+    first = step.layers[0]
+    if dora:
+        assert not first.native and first.qkv is None
+    else:
+        assert all(layer.native for layer in step.layers)
+        r = 4 * (3 if targets == "all-linear" else 2)
+        assert first.qkv.lora_a.shape == (r, 32) and first.qkv.lora_bt.shape == (r, 32 + 16 + 16)
+        if targets != "all-linear":  # k_proj has no adapter: its columns of the up-projection are zeros
+            assert first.qkv.lora_bt[:, 32:48].abs().sum() == 0 and first.gate_up.lora_a is None
+    want = run(model, None, FEED)
+    with model.disable_adapter():
+        assert not torch.allclose(run(model, None, FEED), want, atol=1e-2)  # the adapter matters
+    torch.testing.assert_close(run(model, step, FEED), want, atol=1e-5 * float(want.abs().max()), rtol=0)
+    assert step_matches_transformers(model, step, 0) and batching_is_exact(model, 0, decode=step)

@@ -19,6 +19,7 @@ model (two prompts of different lengths, padded, over several steps). Anything e
 
 from __future__ import annotations
 
+import ctypes
 import inspect
 
 import torch
@@ -29,53 +30,111 @@ _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj", "act_fn")
 
 
-def _projection(module):
-    """The callable for one projection: the packed kernel directly for a plain packed nn.Linear without hooks
-    (skipping the module call), the module itself otherwise (fp32 Linear, peft LoRA layer, quantised layer)."""
-    packed = getattr(module, "_chattune_packed", None)
-    if packed is None or type(module) is not torch.nn.Linear or module._forward_hooks or module._forward_pre_hooks:
-        return module
-    from chattune.models.packed import packed_linear
-    out, bias = module.out_features, module.bias
-    return lambda x: packed_linear(x, packed, out, bias)
+def _hooked(module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
-def _fused(modules):
-    """One kernel call for projections that read the same input (q/k/v, gate/up): their packed rows stacked, where
-    each is a plain packed nn.Linear of one kind. The layers' own packed weights become views of the stacked rows,
-    so nothing is held twice. None where they cannot be fused."""
-    if any(_projection(m) is m for m in modules):
+def _unwrap(module):
+    """(packed base nn.Linear, [(A [r, K], B [O, r] times its scaling) per active adapter]) for a plain packed
+    nn.Linear, or for peft's LoRA Linear over one (plain LoRA in eval mode: no DoRA or other variant, no bias on
+    A or B, fp32); None for anything else, and for modules with hooks (their calls must stay calls)."""
+    def plain(m):
+        return type(m) is torch.nn.Linear and hasattr(m, "_chattune_packed") and not _hooked(m)
+
+    if plain(module):
+        return module, []
+    base = getattr(module, "base_layer", None)
+    if type(module).__name__ != "Linear" or not type(module).__module__.startswith("peft.tuners.lora") \
+            or not plain(base) or _hooked(module) or module.training or module.merged:
         return None
-    from chattune.models.packed import Packed, packed_linear
-    packs = [m._chattune_packed for m in modules]
+    if module.disable_adapters:
+        return base, []
+    adapters = []
+    for name in module.active_adapters:
+        if name not in module.lora_A:
+            continue
+        down, up = module.lora_A[name], module.lora_B[name]
+        if name in getattr(module, "lora_variant", {}) or type(down) is not torch.nn.Linear \
+                or type(up) is not torch.nn.Linear or down.bias is not None or up.bias is not None \
+                or down.weight.dtype != torch.float32 or up.weight.dtype != torch.float32:
+            return None
+        adapters.append((down.weight.detach(), up.weight.detach() * module.scaling[name]))
+    return base, adapters
+
+
+class _Group:
+    """Projections that read the same input (q/k/v, gate/up), or one alone, as one packed matmul: their blocks
+    stacked (the layers' own packed weights become views of the stacked rows, so nothing is held twice), their
+    biases concatenated, and their LoRA adapters as one down-projection `lora_a` [R, K] and one up-projection
+    `lora_bt` [R, O] (transposed, block-diagonal, scalings folded in). A copy, like the packed blocks: adapters
+    switched or changed later are not seen."""
+
+    def __init__(self, parts):
+        from chattune.models.packed import Packed, Proj
+
+        bases = [base for base, _ in parts]
+        if len(bases) == 1:
+            self.packed = bases[0]._chattune_packed
+        else:
+            packs = [b._chattune_packed for b in bases]
+            self.packed, start = Packed(packs[0].kind, torch.cat([p.data for p in packs])), 0
+            for b in bases:
+                b._chattune_packed = Packed(self.packed.kind, self.packed.data[start:start + b.out_features])
+                start += b.out_features
+        self.out = sum(b.out_features for b in bases)
+        self.bias = None if all(b.bias is None for b in bases) else torch.cat(
+            [b.bias.detach() if b.bias is not None else b.weight.new_zeros(b.out_features) for b in bases])
+        adapters = [(i, a, bt) for i, (_, pairs) in enumerate(parts) for a, bt in pairs]
+        self.lora_a = self.lora_bt = None
+        if adapters:
+            self.lora_a = torch.cat([a for _, a, _ in adapters]).contiguous()
+            self.lora_bt = torch.zeros(self.lora_a.shape[0], self.out)
+            offsets = [sum(b.out_features for b in bases[:i]) for i in range(len(bases) + 1)]
+            row = 0
+            for i, a, b in adapters:
+                self.lora_bt[row:row + a.shape[0], offsets[i]:offsets[i + 1]] = b.t()
+                row += a.shape[0]
+        address = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+        self.proj = Proj(4 if self.packed.kind == "q4" else 8, self.packed.ptr, address(self.bias),
+                         address(self.lora_a), address(self.lora_bt), 0 if self.lora_a is None else len(self.lora_a))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from chattune.models.packed import packed_linear
+
+        y = packed_linear(x, self.packed, self.out, self.bias)
+        if self.lora_a is not None:
+            y = y + (x @ self.lora_a.t()) @ self.lora_bt
+        return y
+
+
+def _group(modules) -> _Group | None:
+    """One _Group for `modules` where each is packed (plain or under LoRA) with blocks of one kind and width."""
+    parts = [_unwrap(m) for m in modules]
+    if any(p is None for p in parts):
+        return None
+    packs = [base._chattune_packed for base, _ in parts]
     if len({p.kind for p in packs}) != 1 or len({p.data.shape[1] for p in packs}) != 1:
         return None
-    stacked, start = Packed(packs[0].kind, torch.cat([p.data for p in packs])), 0
-    for m in modules:
-        m._chattune_packed = Packed(stacked.kind, stacked.data[start:start + m.out_features])
-        start += m.out_features
-    bias = None if all(m.bias is None for m in modules) else \
-        torch.cat([m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features) for m in modules])
-    fused = lambda x: packed_linear(x, stacked, start, bias)  # noqa: E731
-    fused.packed, fused.bias = stacked, bias  # for the native layer below
-    return fused
+    return _Group(parts)
 
 
-def _packed_args(module) -> tuple | None:
-    """(kind 4|8, blocks address, bias address or None) of a plain packed nn.Linear without hooks, else None."""
-    if _projection(module) is module:
-        return None
-    packed = module._chattune_packed
-    return 4 if packed.kind == "q4" else 8, packed.ptr, None if module.bias is None else module.bias.data_ptr()
+def _projection(module):
+    """The callable for one projection: its packed group (the kernel directly, skipping the module call), or the
+    module itself (fp32 Linear, quantised layer, anything with hooks)."""
+    return _group([module]) or module
+
+
+def _is_silu(act) -> bool:
+    return isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
 
 class _Layer:
     __slots__ = ("q", "k", "v", "o", "gate", "up", "down", "act", "norm1", "eps1", "norm2", "eps2", "head_dim",
-                 "scaling", "qkv", "gate_up", "q_heads", "qk_heads", "native", "keep")
+                 "scaling", "qkv", "gate_up", "q_heads", "qk_heads", "native")
 
     def __init__(self, layer):
         a, mlp = layer.self_attn, layer.mlp
-        self.qkv, self.gate_up = _fused([a.q_proj, a.k_proj, a.v_proj]), _fused([mlp.gate_proj, mlp.up_proj])
+        self.qkv, self.gate_up = _group([a.q_proj, a.k_proj, a.v_proj]), _group([mlp.gate_proj, mlp.up_proj])
         self.q_heads = a.q_proj.out_features // a.head_dim
         self.qk_heads = self.q_heads + a.k_proj.out_features // a.head_dim
         self.q, self.k, self.v, self.o = (_projection(getattr(a, n)) for n in _ATTENTION)
@@ -84,25 +143,10 @@ class _Layer:
         self.norm1, self.eps1 = layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon
         self.norm2, self.eps2 = layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon
         self.head_dim, self.scaling = a.head_dim, a.scaling
-        self.native = self._native(a, mlp)
-
-    def _native(self, a, mlp) -> tuple | None:
-        """The arguments of the C layer (models/packed.py: layer_front, layer_back) where all seven projections
-        are packed, q/k/v and gate/up fused, and the activation is SiLU; else None (this layer runs in torch)."""
-        o, down = _packed_args(a.o_proj), _packed_args(mlp.down_proj)
-        if self.qkv is None or self.gate_up is None or o is None or down is None \
-                or not isinstance(self.act, torch.nn.SiLU) and type(self.act).__name__ != "SiLUActivation" \
-                or self.norm1.dtype != torch.float32 or self.head_dim % 2:
-            return None
-        qkv, gu = self.qkv, self.gate_up
-        self.keep = [t for t in (qkv.bias, gu.bias) if t is not None]  # the fused biases live as long as the layer
-        address = lambda t: None if t is None else t.data_ptr()  # noqa: E731
-        kind = lambda p: 4 if p.kind == "q4" else 8  # noqa: E731
-        front = (self.norm1.data_ptr(), self.eps1, kind(qkv.packed), qkv.packed.ptr, a.q_proj.out_features
-                 + a.k_proj.out_features + a.v_proj.out_features, address(qkv.bias))
-        back = (o, (self.norm2.data_ptr(), self.eps2), (kind(gu.packed), gu.packed.ptr, address(gu.bias)),
-                mlp.down_proj.in_features, down)
-        return front, back
+        # The C layer (models/packed.py: layer_front, layer_back): all seven projections packed (LoRA or not),
+        # SiLU, fp32; else None and the layer runs in torch ops.
+        self.native = all(isinstance(g, _Group) for g in (self.qkv, self.gate_up, self.o, self.down)) \
+            and _is_silu(self.act) and self.norm1.dtype == torch.float32 and self.head_dim % 2 == 0
 
 
 def why_not(model) -> str | None:
@@ -169,7 +213,7 @@ class DecodeStep:
 
         native = None
         for layer, kv in zip(self.layers, cache.layers):
-            if layer.native is not None:
+            if layer.native:
                 if native is None:
                     native = _NativeStep(x, cos, sin, mask, attend is None)
                 x = native.layer(layer, kv, x)
@@ -215,19 +259,22 @@ class _NativeStep:
         """Layer `layer` on the hidden states `x` (the previous layer's output); returns the new ones."""
         if x.data_ptr() != self.x.data_ptr():  # the embeddings, or the output of a layer that ran in torch
             self.x.copy_(x.reshape(self.b, self.width))
-        (norm1, eps1, kind, blocks, width, bias), (o, (norm2, eps2), gate_up, inter, down) = layer.native
-        b, hd = self.b, layer.head_dim
-        y = torch.empty(b, width)
-        self.lib.layer_front(self.x.data_ptr(), b, self.width, norm1, eps1, kind, blocks, width, bias,
-                             self.cos.data_ptr(), self.sin.data_ptr(), hd, layer.qk_heads, y.data_ptr(), self.threads)
+        b, hd, qkv = self.b, layer.head_dim, layer.qkv
+        y = torch.empty(b, qkv.out)
+        ref = ctypes.addressof
+        self.lib.layer_front(self.x.data_ptr(), b, self.width, layer.norm1.data_ptr(), layer.eps1, ref(qkv.proj),
+                             qkv.out, self.cos.data_ptr(), self.sin.data_ptr(), hd, layer.qk_heads, y.data_ptr(),
+                             self.threads)
         heads = y.view(b, -1, 1, hd)
         kv.keys = torch.cat([kv.keys, heads[:, layer.q_heads:layer.qk_heads]], dim=-2)
         kv.values = torch.cat([kv.values, heads[:, layer.qk_heads:]], dim=-2)
-        self.lib.layer_back(self.x.data_ptr(), b, self.width, y.data_ptr(), width, layer.q_heads,
+        self.lib.layer_back(self.x.data_ptr(), b, self.width, y.data_ptr(), qkv.out, layer.q_heads,
                             layer.qk_heads - layer.q_heads, hd, kv.keys.data_ptr(), kv.values.data_ptr(),
                             kv.keys.shape[2], None if self.mask is None else self.mask.data_ptr(), layer.scaling,
-                            *o, norm2, eps2, *gate_up, inter, *down, self.threads)
+                            ref(layer.o.proj), layer.norm2.data_ptr(), layer.eps2, ref(layer.gate_up.proj),
+                            layer.gate_up.out // 2, ref(layer.down.proj), self.threads)
         return self.x.view(self.shape)
+
 
 
 def _plain_dynamic(cache) -> bool:

@@ -155,13 +155,42 @@ void q8_matmul(const float *x, int M, int K, const uint8_t *w, int O, float *y, 
     }
 }
 
-/* ---- One decoder layer of a decode step, in two calls (models/decode_step.py), for Llama-layout layers whose
-   seven projections are all packed. Between the two, Python appends the new keys and values to the cache. ---- */
+/* ---- One decoder layer of a decode step, in two calls (serve/engine.py via models/decode_step.py), for
+   Llama-layout layers whose seven projections are all packed. Between the two, Python appends the new keys and
+   values to the cache. ---- */
 
-static void matmul(int kind, const float *x, int M, int K, const uint8_t *w, int O, const float *bias, float *y,
-                   int threads) {
-    if (kind == 4) q4_matmul(x, M, K, w, O, y, threads); else q8_matmul(x, M, K, w, O, y, threads);
-    if (bias) for (int m = 0; m < M; m++) for (int o = 0; o < O; o++) y[(size_t)m * O + o] += bias[o];
+/* A projection: packed blocks (kind 4 or 8), an optional bias, and optional LoRA adapters as one down-projection
+   la [rank, K] and one up-projection lbt [rank, O] (transposed, scalings folded in). */
+typedef struct { int kind; const uint8_t *w; const float *bias; const float *la; const float *lbt; int rank; } Proj;
+
+static inline float dot(const float *a, const float *b, int n) {
+    int i = 0;
+    float r = 0.0f;
+    if (n >= 8) {
+        __m256 acc = _mm256_setzero_ps();
+        for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+        r = hsum(acc);
+    }
+    for (; i < n; i++) r += a[i] * b[i];
+    return r;
+}
+
+/* y [M, O] = x [M, K] W^T + bias + (x la^T) lbt. */
+static void project(const Proj *p, const float *x, int M, int K, int O, float *y, int threads) {
+    if (p->kind == 4) q4_matmul(x, M, K, p->w, O, y, threads); else q8_matmul(x, M, K, p->w, O, y, threads);
+    if (p->bias) for (int m = 0; m < M; m++) for (int o = 0; o < O; o++) y[(size_t)m * O + o] += p->bias[o];
+    if (!p->la) return;
+    float *ax = (float *)malloc(sizeof(float) * (size_t)p->rank);
+    for (int m = 0; m < M; m++) {
+        const float *xm = x + (size_t)m * K;
+        float *ym = y + (size_t)m * O;
+        for (int r = 0; r < p->rank; r++) ax[r] = dot(p->la + (size_t)r * K, xm, K);
+        for (int r = 0; r < p->rank; r++) {
+            const float a = ax[r], *row = p->lbt + (size_t)r * O;
+            for (int o = 0; o < O; o++) ym[o] += a * row[o];
+        }
+    }
+    free(ax);
 }
 
 /* y = weight * x / sqrt(mean(x^2) + eps), row by row, with fp32 statistics (transformers' LlamaRMSNorm). */
@@ -169,20 +198,18 @@ static void rms_norm(const float *x, int M, int K, const float *weight, float ep
     for (int m = 0; m < M; m++) {
         const float *r = x + (size_t)m * K;
         float *out = y + (size_t)m * K;
-        float ss = 0.0f;
-        for (int k = 0; k < K; k++) ss += r[k] * r[k];
-        const float scale = 1.0f / sqrtf(ss / K + eps);
+        const float scale = 1.0f / sqrtf(dot(r, r, K) / K + eps);
         for (int k = 0; k < K; k++) out[k] = weight[k] * (r[k] * scale);
     }
 }
 
-/* Front half: h = norm(x); y = h W_qkv^T (+ bias) as [q heads | k heads | v heads] per row; then the rotary
-   rotation (x*cos + rotate_half(x)*sin) on the q and k heads, cos/sin [M, hd] per row. */
-void layer_front(const float *x, int M, int K, const float *norm, float eps, int kind, const uint8_t *w, int O,
-                 const float *bias, const float *cos, const float *sin, int hd, int qk_heads, float *y, int threads) {
+/* Front half: h = norm(x); y = project(h) as [q heads | k heads | v heads] per row; then the rotary rotation
+   (x*cos + rotate_half(x)*sin) on the q and k heads, cos/sin [M, hd] per row. */
+void layer_front(const float *x, int M, int K, const float *norm, float eps, const Proj *qkv, int O,
+                 const float *cos, const float *sin, int hd, int qk_heads, float *y, int threads) {
     float *h = (float *)malloc(sizeof(float) * (size_t)M * K);
     rms_norm(x, M, K, norm, eps, h);
-    matmul(kind, h, M, K, w, O, bias, y, threads);
+    project(qkv, h, M, K, O, y, threads);
     free(h);
     const int half = hd / 2;
     for (int m = 0; m < M; m++) {
@@ -196,18 +223,6 @@ void layer_front(const float *x, int M, int K, const float *norm, float eps, int
             }
         }
     }
-}
-
-static inline float dot(const float *a, const float *b, int n) {
-    int i = 0;
-    float r = 0.0f;
-    if (n >= 8) {
-        __m256 acc = _mm256_setzero_ps();
-        for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-        r = hsum(acc);
-    }
-    for (; i < n; i++) r += a[i] * b[i];
-    return r;
 }
 
 /* Attention of one new query per row and head over the cache keys/values [M, kv_heads, T, hd] (grouped-query:
@@ -244,25 +259,23 @@ static void attend(const float *y, int ystride, int M, int heads, int kv_heads, 
 
 /* Back half, in place on x [M, K]: x += o_proj(attention); x += down(silu(gate(h)) * up(h)), h = norm2(x). */
 void layer_back(float *x, int M, int K, const float *y, int ystride, int heads, int kv_heads, int hd,
-                const float *keys, const float *values, int T, const int64_t *mask, float scale,
-                int kind_o, const uint8_t *wo, const float *bo, const float *norm, float eps,
-                int kind_gu, const uint8_t *wgu, const float *bgu, int inter, int kind_d, const uint8_t *wd,
-                const float *bd, int threads) {
+                const float *keys, const float *values, int T, const int64_t *mask, float scale, const Proj *o,
+                const float *norm, float eps, const Proj *gate_up, int inter, const Proj *down, int threads) {
     const int width = heads * hd;
     float *a = (float *)malloc(sizeof(float) * (size_t)M * (width > K ? width : K));
     float *t = (float *)malloc(sizeof(float) * (size_t)M * K);
     float *gu = (float *)malloc(sizeof(float) * (size_t)M * 2 * inter);
     attend(y, ystride, M, heads, kv_heads, hd, keys, values, T, mask, scale, a, threads);
-    matmul(kind_o, a, M, width, wo, K, bo, t, threads);
+    project(o, a, M, width, K, t, threads);
     for (size_t i = 0; i < (size_t)M * K; i++) x[i] += t[i];
     rms_norm(x, M, K, norm, eps, a);
-    matmul(kind_gu, a, M, K, wgu, 2 * inter, bgu, gu, threads);
+    project(gate_up, a, M, K, 2 * inter, gu, threads);
     for (int m = 0; m < M; m++) {  /* silu(gate) * up, into the first `inter` columns of each row */
         float *g = gu + (size_t)m * 2 * inter, *u = g + inter;
         for (int i = 0; i < inter; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
         if (m) memmove(gu + (size_t)m * inter, g, sizeof(float) * inter);
     }
-    matmul(kind_d, gu, M, inter, wd, K, bd, t, threads);
+    project(down, gu, M, inter, K, t, threads);
     for (size_t i = 0; i < (size_t)M * K; i++) x[i] += t[i];
     free(a); free(t); free(gu);
 }
@@ -314,11 +327,17 @@ def _library():
     lib.q8_matmul.argtypes = [p, i, i, p, i, p, i]
     lib.q4_matmul.restype = lib.q8_matmul.restype = None
     f = ctypes.c_float
-    lib.layer_front.argtypes = [p, i, i, p, f, i, p, i, p, p, p, i, i, p, i]
-    lib.layer_back.argtypes = [p, i, i, p, i, i, i, i, p, p, i, p, f, i, p, p, p, f, i, p, p, i, i, p, p, i]
+    lib.layer_front.argtypes = [p, i, i, p, f, p, i, p, p, i, i, p, i]
+    lib.layer_back.argtypes = [p, i, i, p, i, i, i, i, p, p, i, p, f, p, p, f, p, i, p, i]
     lib.layer_front.restype = lib.layer_back.restype = None
     _LIB = lib
     return lib
+
+
+class Proj(ctypes.Structure):
+    """The C side's `Proj`: a packed projection with its bias and LoRA adapters (addresses; 0 for none)."""
+    _fields_ = [("kind", ctypes.c_int), ("w", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("la", ctypes.c_void_p),
+                ("lbt", ctypes.c_void_p), ("rank", ctypes.c_int)]
 
 
 def _fp16_exact(t: torch.Tensor) -> torch.Tensor:
