@@ -1,20 +1,23 @@
 """chattune's own decode step for decoders laid out as Llama: one new token per row, the same maths as
-transformers' forward with about a third of its per-layer Python.
+transformers' forward without most of its per-layer Python.
 
 Why by hand: on a CPU a small model's decode step is dominated by per-call overhead, not arithmetic. transformers'
 forward runs some 50 tensor ops and module calls per layer for one token (mask building, cache bookkeeping,
 keyword plumbing, hooks); on the bundled model that is about half of a 28 ms step even with the packed kernels
-(models/packed.py). This step calls the same modules for everything that carries weights or choices — the
-embeddings, the rotary embedding (so every RoPE scaling variant is the model's own), each projection (packed,
-fp32 or a LoRA layer alike) and the MLP's activation — and does the rest (RMSNorm as transformers computes it,
-rotary application, the cache append, attention through torch's SDPA) in a few plain ops. A layer whose seven
-projections are all packed (models/packed.py) runs as two C calls (`layer_front`, `layer_back`) around the cache
+(models/packed.py). This step calls the model's own modules for what carries choices — the embeddings, the
+rotary embedding (so every RoPE scaling variant is the model's own), the MLP's activation, and every projection
+it cannot read directly — and does the rest (RMSNorm as transformers computes it, the rotation, the cache append,
+attention through torch's SDPA) in a few plain ops. Packed projections (plain, or under a plain LoRA adapter) are
+read directly: q/k/v and gate/up as one kernel call each, the adapters folded in (`_Group`). A layer whose seven
+projections are all packed runs as two C calls (`layer_front`, `layer_back` in models/packed.py) around the cache
 append, the rest of its maths included.
 
 It is used only for what it was checked on: models whose config says Llama, Mistral (without a sliding window) or
-Qwen2 (without one in use), run as peft LoRA or plain, whose layers have the Llama shape; and the serve worker
-turns it on only after `engine.step_matches_transformers` has found its logits equal to transformers' own on the loaded
-model (two prompts of different lengths, padded, over several steps). Anything else decodes through transformers.
+Qwen2 (without one in use), plain or with peft LoRA, whose layers have the Llama shape; and only after a start-up
+check on the loaded model has found its results equal to transformers' own: serve's engine calls it directly
+(`engine.step_matches_transformers`: logits of two prompts of different lengths, padded, over several steps),
+`chat` routes transformers' `generate` through it (`enable_for_generate`: greedy tokens and scores). Anything
+else decodes through transformers.
 """
 
 from __future__ import annotations
@@ -137,8 +140,10 @@ class _Layer:
         self.qkv, self.gate_up = _group([a.q_proj, a.k_proj, a.v_proj]), _group([mlp.gate_proj, mlp.up_proj])
         self.q_heads = a.q_proj.out_features // a.head_dim
         self.qk_heads = self.q_heads + a.k_proj.out_features // a.head_dim
-        self.q, self.k, self.v, self.o = (_projection(getattr(a, n)) for n in _ATTENTION)
-        self.gate, self.up, self.down = (_projection(getattr(mlp, n)) for n in _MLP[:3])
+        # (each projection on its own only where it is not in a fused group)
+        self.q, self.k, self.v = (None,) * 3 if self.qkv else (_projection(getattr(a, n)) for n in _ATTENTION[:3])
+        self.gate, self.up = (None,) * 2 if self.gate_up else (_projection(getattr(mlp, n)) for n in _MLP[:2])
+        self.o, self.down = _projection(a.o_proj), _projection(mlp.down_proj)
         self.act = mlp.act_fn
         self.norm1, self.eps1 = layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon
         self.norm2, self.eps2 = layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon
@@ -150,7 +155,8 @@ class _Layer:
 
 
 def why_not(model) -> str | None:
-    """Why this step cannot drive `model` (None: it can, subject to `matches_transformers`)."""
+    """Why this step cannot drive `model` (None: it can, subject to the start-up checks: serve's
+    `engine.step_matches_transformers`, chat's `enable_for_generate`)."""
     peft_config = getattr(model, "active_peft_config", None)
     if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
         return "a P-tuning v2 prefix"
@@ -187,10 +193,10 @@ class DecodeStep:
         self.layers = [_Layer(layer) for layer in inner.layers]
         self.norm, self.eps = inner.norm.weight, inner.norm.variance_epsilon
         self.head = _projection(base.lm_head)
-        self.dtype = self.norm.dtype
 
     @classmethod
-    def of(cls, model) -> "DecodeStep | None":  # noqa: D102
+    def of(cls, model) -> "DecodeStep | None":
+        """The step for `model`, or None where `why_not` has a reason."""
         return None if why_not(model) else cls(model)
 
     def _rms(self, x, weight, eps):  # transformers' LlamaRMSNorm, op for op (fp32 statistics)
