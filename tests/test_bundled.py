@@ -124,10 +124,11 @@ def test_bundled_model_decodes_from_its_exact_blocks(bundled):
 
     # serve's engine with chattune's own decode step: checked at start-up, and the same greedy answer
     from chattune.models.decode_step import DecodeStep
-    from chattune.serve.engine import Batch, prefill, step_matches_transformers
+    from chattune.serve.engine import Batch, batching_is_exact, prefill, step_matches_transformers
 
     step, pad = DecodeStep.of(tuned.model), tuned.tokenizer.pad_token_id
-    assert step is not None and step_matches_transformers(tuned.model, step, pad)
+    assert step is not None and all(layer.native for layer in step.layers)  # every layer in the C layer
+    assert step_matches_transformers(tuned.model, step, pad) and batching_is_exact(tuned.model, pad, decode=step)
     with torch.inference_mode():
         logits, cache, mask = prefill(tuned.model, [ids[0].tolist()], pad)
         batch, tokens = Batch.start(cache, mask), [int(logits[0].argmax())]
