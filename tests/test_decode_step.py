@@ -131,8 +131,12 @@ def test_worker_uses_the_step_only_where_it_is_checked(llama):
     assert Worker(Tuned, max_batch=8).decode_step == "chattune"
     off = Worker(Tuned, max_batch=8, decode_step="transformers")
     assert off.decode_step == "transformers" and off.decode_why == "--decode-step transformers" and off.batching
-    one = Worker(Tuned, max_batch=1)
-    assert one.decode_step == "transformers" and not one.batching
+    one = Worker(Tuned, max_batch=1)  # one at a time: transformers' generate, its decode steps through the step
+    assert one.decode_step == "chattune" and not one.batching and one.generate_step
+    assert hasattr(llama.forward, "chattune_original")
+    from chattune.models.decode_step import uninstall
+
+    uninstall(llama)
 
 
 @pytest.mark.skipif(__import__("chattune.models.packed", fromlist=["x"]).why_unavailable() is not None,

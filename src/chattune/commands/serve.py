@@ -62,9 +62,8 @@ def run(args) -> int:
     worker = app.state.worker
     batching = (f"continuous batching of up to {worker.max_batch} requests" if worker.batching else
                 "one request at a time" + (" (this model cannot be batched exactly)" if worker.max_batch > 1 else ""))
-    if worker.batching:
-        batching += ("; chattune's decode step" if worker.decode is not None else
-                     f"; transformers' decode step: {worker.decode_why}")
+    batching += ("; chattune's decode step" if worker.decode_step == "chattune" else
+                 f"; transformers' decode step: {worker.decode_why}")
     log(f"serving {model_name(tuned)} on http://{args.host}:{args.port} (web chat at /, API at /v1; {batching})"
         + (", API key required" if key else ""))
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

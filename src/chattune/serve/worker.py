@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
-from chattune.models.decode_step import DecodeStep, why_not
+from chattune.models.decode_step import DecodeStep, enable_for_generate, why_not
 from chattune.serve.engine import Batch, Sampling, batching_is_exact, prefill, step_matches_transformers
 
 
@@ -113,10 +113,15 @@ class Worker:
         self.pad_id = t.tokenizer.pad_token_id if t.tokenizer.pad_token_id is not None else t.stop_ids[0]
         # Decided before the first request, on the loaded model (a fraction of a second on small models).
         self.decode, self.decode_why = self._decode_step(decode_step)
+        self.generate_step = False  # one request at a time, transformers' generate decoding through the step
         self.batching = self.max_batch > 1 and batching_is_exact(t.model, self.pad_id, decode=self.decode)
-        if not self.batching and self.decode is not None:  # the engine without chattune's step, or not at all
+        if not self.batching and self.decode is not None and self.max_batch > 1:  # the engine without the step
             self.decode, self.decode_why = None, "the engine's batching check failed with it"
-            self.batching = self.max_batch > 1 and batching_is_exact(t.model, self.pad_id)
+            self.batching = batching_is_exact(t.model, self.pad_id)
+        if not self.batching and self.decode is not None:  # --max-batch 1: generate, through the step where checked
+            self.decode = None
+            self.generate_step = enable_for_generate(t.model, self.pad_id, log=lambda line: None)
+            self.decode_why = None if self.generate_step else "transformers' generate differs with it"
         self.largest_batch = 0  # the most requests decoded together so far (reported by /health)
         self.thread = threading.Thread(target=self._run, name="chattune-generate", daemon=True)
         self.thread.start()
@@ -126,8 +131,6 @@ class Worker:
         logits on it; else (None, why not)."""
         if choice != "auto":
             return None, "--decode-step transformers"
-        if self.max_batch == 1:
-            return None, "--max-batch 1 decodes with transformers' generate"
         why = why_not(self.tuned.model)
         if why:
             return None, why
@@ -139,7 +142,7 @@ class Worker:
     @property
     def decode_step(self) -> str:
         """Which code runs a decode step: "chattune" (models/decode_step.py) or "transformers"."""
-        return "chattune" if self.decode is not None else "transformers"
+        return "chattune" if self.decode is not None or self.generate_step else "transformers"
 
     def submit(self, job: Job) -> None:
         """Queue a job; raises queue.Full when max_queue jobs are already waiting."""
