@@ -82,6 +82,20 @@ def test_eval_writes_one_prediction_per_sample_and_the_metrics(tiny, tmp_path):
         assert key in m, key
     assert m["loss"] > 0 and m["perplexity"] > 1 and m["peak_memory_mb"] > 0 and m["generated_tokens_per_s"] > 0
     assert "rouge-1" in r.stdout and "perplexity" in r.stdout
+    assert m["decode_step"] == "transformers" and m["packed_layers"] == 0  # the defaults: transformers' own
+
+    # --packed auto --decode-step auto: chattune's step, checked at start-up; the same predictions and metrics
+    fast = tmp_path / "fast"
+    r = chattune("eval", "--model", str(model), "--data", str(data), "--metrics", "rouge,bleu,exact,triple_f1,loss",
+                 "--max-new-tokens", "6", "--batch-size", "4", "--out", str(fast), "--packed", "auto",
+                 "--decode-step", "auto")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "decode step: chattune's own" in r.stderr + r.stdout
+    assert (fast / "predictions.jsonl").read_text() == (out / "predictions.jsonl").read_text()
+    m2 = json.loads((fast / "metrics.json").read_text())
+    assert m2["decode_step"] == "chattune"
+    assert {k: m2[k] for k in ("rouge-l", "bleu-4", "exact", "loss")} == {k: m[k] for k in ("rouge-l", "bleu-4", "exact",
+                                                                                            "loss")}
 
 
 def test_eval_of_a_run_writes_beside_it_by_default(tiny, tmp_path):

@@ -12,18 +12,19 @@ load a trained model (`eval`, `serve`), each naming the keys that mean something
 COMMANDS = ["quickstart", "train", "data", "eval", "compare", "plot", "chat", "serve", "export", "estimate", "bench"]
 
 
-def add_packed_option(p) -> None:
-    """`--packed auto|off` of the commands that only run a model (`chat`, `serve`): load_tuned(packed=...)."""
-    p.add_argument("--packed", choices=["auto", "off"], default="auto",
-                   help="auto (default): on a CPU, decode layers whose fp32 weights are exactly 4-/8-bit blocks "
-                        "(the bundled model's) from those blocks; off: torch's fp32 matmuls everywhere")
+def add_packed_option(p, default: str = "auto") -> None:
+    """`--packed auto|off` of the commands that run a model (`chat`, `serve`; `eval`, where it is off by default):
+    load_tuned(packed=...)."""
+    p.add_argument("--packed", choices=["auto", "off"], default=default,
+                   help=f"auto: on a CPU, decode layers whose fp32 weights are exactly 4-/8-bit blocks (the bundled "
+                        f"model's) from those blocks; off: torch's fp32 matmuls everywhere (default: {default})")
 
 
-def add_decode_step_option(p) -> None:
-    """`--decode-step auto|transformers` of `chat` and `serve` (models/decode_step.py)."""
-    p.add_argument("--decode-step", choices=["auto", "transformers"], default="auto",
-                   help="auto (default): chattune's own decode step for Llama-layout models where it gives "
-                        "transformers' logits (checked at start-up); transformers: the model's own forward")
+def add_decode_step_option(p, default: str = "auto") -> None:
+    """`--decode-step auto|transformers` of `chat`, `serve` and `eval` (models/decode_step.py)."""
+    p.add_argument("--decode-step", choices=["auto", "transformers"], default=default,
+                   help="auto: chattune's own decode step for Llama-layout models where it gives transformers' "
+                        f"results (checked at start-up); transformers: the model's own forward (default: {default})")
 
 
 def model_config(command: str, adapter: str | None, model: str | None, overrides: list[str],

@@ -1,5 +1,7 @@
 """`chattune eval (--adapter DIR | --model DIR) --data FILE [--metrics ...] [key=value ...]`."""
 
+from chattune.commands import add_decode_step_option, add_packed_option
+
 HELP = "score a model on a data file: ROUGE-1/2/L, BLEU-4, exact match, triple F1, loss; writes predictions"
 
 # The run-config keys that change what `eval` does (the others are refused, never ignored).
@@ -32,6 +34,8 @@ def configure(p) -> None:
     p.add_argument("--limit", type=int, default=None, help="score only the first N records")
     p.add_argument("--template", help="override the template (default: the one the run used); = template=NAME")
     p.add_argument("--out", help="output folder (default: MODEL_DIR/eval-<data file stem>)")
+    add_packed_option(p, default="off")
+    add_decode_step_option(p, default="transformers")
     p.add_argument("args", nargs="*", metavar="key=value",
                    help="run-config overrides, starting from the run's config.yaml: " + ", ".join(KEYS))
 
@@ -52,5 +56,6 @@ def run(args) -> int:
                           f"are never cut); add loss to --metrics (now {','.join(names)}) or leave "
                           f"{'it' if len(loss_only) == 1 else 'them'} out")
     evaluate(args.adapter, args.model, args.data, names, args.batch_size, args.max_new_tokens, args.limit,
-             args.out, log=log, data_config=cfg.data, **load)
+             args.out, log=log, data_config=cfg.data, packed=args.packed == "auto",
+             decode_step=args.decode_step == "auto", **load)
     return 0

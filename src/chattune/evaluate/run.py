@@ -137,9 +137,11 @@ def default_out_dir(source: str, data: str) -> Path:
 def evaluate(adapter: str | None, model: str | None, data: str, metrics: str | list[str] = "rouge,bleu",
              batch_size: int = 8, max_new_tokens: int = 256, limit: int | None = None, out: str | None = None,
              template: str | None = None, log=print, data_config=None, trust_remote_code: bool | None = None,
-             dtype: torch.dtype = torch.float32) -> EvalResult:
+             dtype: torch.dtype = torch.float32, packed: bool = False, decode_step: bool = False) -> EvalResult:
     """`data_config` (a config.DataConfig; `chattune eval` passes the run's, with its overrides) says how records
-    are read and, for the loss metric, encoded; `template`, `trust_remote_code`, `dtype` go to `load_tuned`."""
+    are read and, for the loss metric, encoded; `template`, `trust_remote_code`, `dtype`, `packed` go to
+    `load_tuned`. `decode_step`: generation decodes through chattune's own step where its start-up check passes
+    (models/decode_step.py). Both off by default, so predictions are transformers' own computation."""
     from chattune.config import DataConfig
     from chattune.hardware import device_type, peak_memory_mb, reset_peak_memory
     from chattune.inference import check_adapter, load_tuned
@@ -152,7 +154,14 @@ def evaluate(adapter: str | None, model: str | None, data: str, metrics: str | l
                            default_system=d.system, log=log)  # bad data fails before the model loads
     device = device_type()
     tuned = load_tuned(adapter=adapter, model=model, template=template, trust_remote_code=trust_remote_code,
-                       dtype=dtype, log=log)
+                       dtype=dtype, log=log, packed=packed)
+    step = False
+    if decode_step:
+        from chattune.models.decode_step import enable_for_generate
+
+        pad = tuned.tokenizer.pad_token_id
+        step = enable_for_generate(tuned.model, pad if pad is not None else tuned.template.stop_tokens(
+            tuned.tokenizer)[0], log)
     reset_peak_memory(device)
     log(f"eval: {len(samples)} samples from {data}; metrics: {', '.join(names)}"
         + (f" (loss: data.max_length={d.max_length}, data.truncation={d.truncation})" if "loss" in names else ""))
@@ -164,7 +173,9 @@ def evaluate(adapter: str | None, model: str | None, data: str, metrics: str | l
     result.metrics["peak_memory_mb"] = round(peak_memory_mb(device), 1)
     result.metrics.update(data=str(data), model=tuned.source, device=device, batch_size=batch_size,
                           max_new_tokens=max_new_tokens, template=tuned.template.name,
-                          precision=_PRECISION.get(dtype, str(dtype)))
+                          precision=_PRECISION.get(dtype, str(dtype)),
+                          packed_layers=sum(hasattr(m, "_chattune_packed") for m in tuned.model.modules()),
+                          decode_step="chattune" if step else "transformers")
     if "loss" in names:
         result.metrics.update(max_length=d.max_length, truncation=d.truncation)
     out_dir = Path(out) if out else default_out_dir(tuned.source, data)
