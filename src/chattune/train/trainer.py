@@ -478,9 +478,13 @@ def prepare(cfg: RunConfig, log=print, options: TrainOptions | None = None) -> P
         + (f", {len(data.eval)} eval samples" if data.eval else ""))
 
     packing = cfg.data.packing and method.supports_packing
-    if packing and not options.baseline and packed_attention.enable(model) and not packing_is_exact(model):
-        packed_attention.disable(model)  # per-sample attention is an optimisation; never trade exactness for it
-    if packing and not packing_is_exact(model):
+    exact = None  # packing_is_exact, checked once (two forward passes) unless the attention changes in between
+    if packing and not options.baseline and packed_attention.enable(model):
+        exact = packing_is_exact(model)
+        if not exact:
+            packed_attention.disable(model)  # per-sample attention is an optimisation; never trade exactness for it
+            exact = None
+    if packing and not (exact if exact is not None else packing_is_exact(model)):
         log("packing: this model does not keep packed samples apart (position_ids); using padded batches")
         packing = False
 
