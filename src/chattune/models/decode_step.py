@@ -29,6 +29,9 @@ import torch
 import torch.nn.functional as F
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
+# The start-up checks' two prompts (token ids valid in any vocabulary of 30+): different lengths, so the shorter
+# one is left-padded when they run together.
+PROBE = ([5, 9, 13, 17, 21, 25, 29], [7, 11])
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj", "act_fn")
 
@@ -350,7 +353,7 @@ def enable_for_generate(model, pad_id: int, log=print) -> bool:
     and gives the same greedy tokens and scores (to 1e-3) on two left-padded probe prompts; says which."""
     why = why_not(model)
     if why is None:
-        probe, step = [[5, 9, 13, 17, 21, 25, 29], [7, 11]], DecodeStep(model)
+        probe, step = list(PROBE), DecodeStep(model)
         try:
             want = _greedy_scores(model, probe, pad_id, 4)
             install(model, step)

@@ -13,6 +13,10 @@ would alone. A finished row leaves the batch at once; columns that only hold pad
 tokens of a batch equal one-at-a-time decoding wherever `batching_is_exact` says so, which the worker checks on the
 loaded model at start-up (and falls back to one request at a time otherwise, e.g. for P-tuning v2 prefixes, which
 peft injects as its own cache, or remote-code models with caches of their own).
+
+Prefill runs through the model's forward; decode steps through it too, or through chattune's own decode step
+(models/decode_step.py, `Batch.step(..., decode)`) where `step_matches_transformers` finds its logits equal to
+the forward's on the loaded model.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from chattune.evaluate.generate import left_pad
+from chattune.models.decode_step import PROBE
 
 
 def _cache_argument(model) -> str:
@@ -175,7 +180,7 @@ def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
 def step_matches_transformers(model, decode, pad_id: int, steps: int = 4) -> bool:
     """`decode` (a DecodeStep) gives the logits of the model's own forward (to float noise) on two prompts of
     different lengths decoded together, left-padded, over `steps` tokens. Checked once per loaded model."""
-    prompts = [[5, 9, 13, 17, 21, 25, 29], [7, 11]]
+    prompts = list(PROBE)
     feed = [[prompts[0][i % 7], prompts[1][i % 2]] for i in range(steps)]  # the same tokens for both runs
     runs = []
     try:
@@ -197,7 +202,7 @@ def batching_is_exact(model, pad_id: int, steps: int = 3, decode=None) -> bool:
     config = getattr(model, "active_peft_config", None)
     if config is not None and getattr(config, "is_prompt_learning", False):
         return False  # P-tuning v2: peft supplies the prefix as the model's cache on every forward
-    first, second = [5, 9, 13, 17, 21, 25, 29], [7, 11]
+    first, second = PROBE
     try:
         expected = [_decode_alone(model, first, pad_id, steps, decode),
                     _decode_alone(model, second, pad_id, steps + 1, decode)]
