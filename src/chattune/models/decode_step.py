@@ -285,7 +285,6 @@ class _NativeStep:
         return self.x.view(self.shape)
 
 
-
 def _plain_dynamic(cache) -> bool:
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
