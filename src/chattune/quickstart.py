@@ -84,7 +84,7 @@ def quickstart(output_dir: str = "runs/quickstart", steps: int | None = None, lo
     log(f"demo dataset: {len(demo_records())} conversations (English and Chinese) -> {data}")
     cfg = load_config("lora", [
         "model=bundled", f"data.train={data}", f"output_dir={out}", "overwrite=true", "data.max_length=256",
-        f"train.max_steps={steps or 60}", "train.batch_size=8", "train.lr=2e-3", "train.logging_steps=10",
+        f"train.max_steps={steps or 30}", "train.batch_size=8", "train.lr=2e-3", "train.logging_steps=10",
         "train.save_steps=1000", "train.scheduler=constant_with_warmup", "train.warmup_ratio=0.05",
         "lora.r=16", "lora.alpha=32", "lora.dropout=0.0",
     ])
