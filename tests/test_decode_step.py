@@ -123,7 +123,7 @@ def test_worker_uses_the_step_only_where_it_is_checked(llama):
 
     class Tuned:
         model, info = llama, {}
-        stop_ids = [257]
+        stop_ids, pad_id = [257], 0
 
         class tokenizer:
             pad_token_id = 0

@@ -37,6 +37,12 @@ class Tuned:
     def stop_ids(self) -> list[int]:
         return self.template.stop_tokens(self.tokenizer)
 
+    @property
+    def pad_id(self) -> int:
+        """The tokenizer's pad token, else the first stop token (what batched generation pads rows with)."""
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else self.stop_ids[0]
+
     def prompt_ids(self, conv: Conversation) -> list[int]:
         return encode_prompt(conv, self.template, self.tokenizer)
 

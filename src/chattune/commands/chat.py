@@ -28,8 +28,7 @@ def run(args) -> int:
     if args.decode_step == "auto":
         from chattune.models.decode_step import enable_for_generate
 
-        pad = tuned.tokenizer.pad_token_id
-        enable_for_generate(tuned.model, pad if pad is not None else tuned.stop_ids[0], log)
+        enable_for_generate(tuned.model, tuned.pad_id, log)
     if args.prompt is not None:
         print(answer_once(tuned, args.prompt, args.system, args.max_new_tokens, args.temperature))
         return 0

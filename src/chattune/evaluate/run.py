@@ -159,9 +159,7 @@ def evaluate(adapter: str | None, model: str | None, data: str, metrics: str | l
     if decode_step:
         from chattune.models.decode_step import enable_for_generate
 
-        pad = tuned.tokenizer.pad_token_id
-        step = enable_for_generate(tuned.model, pad if pad is not None else tuned.template.stop_tokens(
-            tuned.tokenizer)[0], log)
+        step = enable_for_generate(tuned.model, tuned.pad_id, log)
     reset_peak_memory(device)
     log(f"eval: {len(samples)} samples from {data}; metrics: {', '.join(names)}"
         + (f" (loss: data.max_length={d.max_length}, data.truncation={d.truncation})" if "loss" in names else ""))

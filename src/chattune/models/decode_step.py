@@ -36,6 +36,11 @@ _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj", "act_fn")
 
 
+def base_model(model):
+    """The transformers model under a peft wrapper (the model itself when there is none)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _hooked(module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
@@ -163,7 +168,7 @@ def why_not(model) -> str | None:
     peft_config = getattr(model, "active_peft_config", None)
     if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
         return "a P-tuning v2 prefix"
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     config = getattr(base, "config", None)
     kind = getattr(config, "model_type", None)
     if kind not in MODEL_TYPES:
@@ -190,7 +195,7 @@ class DecodeStep:
     layer's new key and value to `cache` (a DynamicCache with plain layers, as the serve engine keeps it)."""
 
     def __init__(self, model):
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = base_model(model)
         inner = base.model
         self.embed, self.rotary = inner.embed_tokens, inner.rotary_emb
         self.layers = [_Layer(layer) for layer in inner.layers]
@@ -255,9 +260,9 @@ class _NativeStep:
     mask [B, T] as int64 (NULL when no slot is padded), the thread count."""
 
     def __init__(self, x, cos, sin, mask, unpadded: bool):
-        from chattune.models.packed import _LIB, _library
+        from chattune.models.packed import _library
 
-        self.lib = _LIB or _library()
+        self.lib = _library()
         self.b, self.width = x.shape[0], x.shape[-1]
         self.x, self.shape = torch.empty(self.b, self.width), x.shape
         self.cos, self.sin = cos.reshape(self.b, -1).contiguous(), sin.reshape(self.b, -1).contiguous()
@@ -302,7 +307,7 @@ def install(model, step: DecodeStep) -> None:
     other call (prefill, training, extra outputs) goes to the model's own forward. `uninstall` undoes it."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     original = base.forward
 
     def forward(*args, **kwargs):
@@ -331,7 +336,7 @@ def install(model, step: DecodeStep) -> None:
 
 
 def uninstall(model) -> None:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     original = getattr(base.forward, "chattune_original", None)
     if original is not None:
         base.forward = original
@@ -339,30 +344,39 @@ def uninstall(model) -> None:
 
 @torch.inference_mode()
 def _greedy_scores(model, prompts, pad_id: int, steps: int):
-    ids = torch.tensor([[pad_id] * (max(map(len, prompts)) - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (ids.shape[1] - len(p)) + [1] * len(p) for p in prompts])
+    from chattune.evaluate.generate import left_pad
+
+    ids, mask = left_pad(prompts, pad_id, next(model.parameters()).device)
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps,
                          do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad_id,
                          output_scores=True, return_dict_in_generate=True)
     return out.sequences, torch.stack(out.scores).float()
 
 
-def enable_for_generate(model, pad_id: int, log=print) -> bool:
-    """`chattune chat`: transformers' `generate` decodes through chattune's step where that step drives this model
-    and gives the same greedy tokens and scores (to 1e-3) on two left-padded probe prompts; says which."""
+def install_for_generate(model, pad_id: int) -> str | None:
+    """Route transformers' `generate` on `model` through chattune's step where that step drives this model and
+    gives the same greedy tokens and scores (to 1e-3) on two left-padded probe prompts. None when it is installed,
+    else why not (and the model's forward is left as it was)."""
     why = why_not(model)
-    if why is None:
-        probe, step = list(PROBE), DecodeStep(model)
-        try:
-            want = _greedy_scores(model, probe, pad_id, 4)
-            install(model, step)
-            got = _greedy_scores(model, probe, pad_id, 4)
-            if not (torch.equal(got[0], want[0]) and torch.allclose(got[1], want[1], atol=1e-3, rtol=1e-3)):
-                why = "its logits differ from transformers' on this model"
-        except Exception as e:  # noqa: BLE001 - any model the step cannot drive decodes through transformers
-            why = f"{type(e).__name__}: {e}"
-        if why:
-            uninstall(model)
+    if why is not None:
+        return why
+    step = DecodeStep(model)
+    try:
+        want = _greedy_scores(model, list(PROBE), pad_id, 4)
+        install(model, step)
+        got = _greedy_scores(model, list(PROBE), pad_id, 4)
+        if not (torch.equal(got[0], want[0]) and torch.allclose(got[1], want[1], atol=1e-3, rtol=1e-3)):
+            why = "its logits differ from transformers' on this model"
+    except Exception as e:  # noqa: BLE001 - any model the step cannot drive decodes through transformers
+        why = f"{type(e).__name__}: {e}"
+    if why:
+        uninstall(model)
+    return why
+
+
+def enable_for_generate(model, pad_id: int, log=print) -> bool:
+    """`chattune chat`, `eval`: `install_for_generate`, saying which decode step is used."""
+    why = install_for_generate(model, pad_id)
     if why:
         log(f"decode step: transformers' forward ({why})")
         return False

@@ -31,13 +31,12 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from chattune.evaluate.generate import left_pad
-from chattune.models.decode_step import PROBE
+from chattune.models.decode_step import PROBE, base_model
 
 
 def _cache_argument(model) -> str:
     """transformers 5.24 renamed the forward argument `past_key_values` to `cache` (the old name warns, then goes)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return _cache_argument_of(type(base))
+    return _cache_argument_of(type(base_model(model)))
 
 
 @functools.lru_cache(maxsize=None)

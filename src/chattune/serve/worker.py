@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
-from chattune.models.decode_step import DecodeStep, enable_for_generate, why_not
+from chattune.models.decode_step import DecodeStep, install_for_generate, why_not
 from chattune.serve.engine import Batch, Sampling, batching_is_exact, prefill, step_matches_transformers
 
 
@@ -110,18 +110,20 @@ class Worker:
         self.busy = threading.Event()
         self.max_batch = max(1, max_batch)
         t = tuned
-        self.pad_id = t.tokenizer.pad_token_id if t.tokenizer.pad_token_id is not None else t.stop_ids[0]
+        self.pad_id = t.pad_id
         # Decided before the first request, on the loaded model (a fraction of a second on small models).
-        self.decode, self.decode_why = self._decode_step(decode_step)
+        self.decode, self.decode_why = None, "--decode-step transformers"
         self.generate_step = False  # one request at a time, transformers' generate decoding through the step
-        self.batching = self.max_batch > 1 and batching_is_exact(t.model, self.pad_id, decode=self.decode)
-        if not self.batching and self.decode is not None and self.max_batch > 1:  # the engine without the step
-            self.decode, self.decode_why = None, "the engine's batching check failed with it"
-            self.batching = batching_is_exact(t.model, self.pad_id)
-        if not self.batching and self.decode is not None:  # --max-batch 1: generate, through the step where checked
-            self.decode = None
-            self.generate_step = enable_for_generate(t.model, self.pad_id, log=lambda line: None)
-            self.decode_why = None if self.generate_step else "transformers' generate differs with it"
+        self.batching = False
+        if self.max_batch > 1:
+            self.decode, self.decode_why = self._decode_step(decode_step)
+            self.batching = batching_is_exact(t.model, self.pad_id, decode=self.decode)
+            if not self.batching and self.decode is not None:  # the engine without the step, or not at all
+                self.decode, self.decode_why = None, "the engine's batching check failed with it"
+                self.batching = batching_is_exact(t.model, self.pad_id)
+        elif decode_step == "auto":  # --max-batch 1: generate, through the step where its own check passes
+            self.decode_why = install_for_generate(t.model, self.pad_id)
+            self.generate_step = self.decode_why is None
         self.largest_batch = 0  # the most requests decoded together so far (reported by /health)
         self.thread = threading.Thread(target=self._run, name="chattune-generate", daemon=True)
         self.thread.start()

@@ -478,15 +478,14 @@ def prepare(cfg: RunConfig, log=print, options: TrainOptions | None = None) -> P
         + (f", {len(data.eval)} eval samples" if data.eval else ""))
 
     packing = cfg.data.packing and method.supports_packing
-    exact = None  # packing_is_exact, checked once (two forward passes) unless the attention changes in between
-    if packing and not options.baseline and packed_attention.enable(model):
-        exact = packing_is_exact(model)
+    if packing:  # packing_is_exact: two forward passes, run again only where the attention changed in between
+        exact = not options.baseline and packed_attention.enable(model) and packing_is_exact(model)
         if not exact:
             packed_attention.disable(model)  # per-sample attention is an optimisation; never trade exactness for it
-            exact = None
-    if packing and not (exact if exact is not None else packing_is_exact(model)):
-        log("packing: this model does not keep packed samples apart (position_ids); using padded batches")
-        packing = False
+            exact = packing_is_exact(model)
+        if not exact:
+            log("packing: this model does not keep packed samples apart (position_ids); using padded batches")
+            packing = False
 
     # Seed before the method creates its weights (LoRA A matrices, prefixes): train.seed alone decides them, not
     # whatever ran earlier in this process, so a resumed run continues the same run.
