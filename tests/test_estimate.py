@@ -106,9 +106,12 @@ def test_lora_dropout_activations_come_from_the_adapted_layers():
     base = ["model=glm-4-9b-chat", "data.max_length=1024", "train.batch_size=1", "lora.target=[q_proj,k_proj,v_proj]"]
     no_dropout = est(*base, "lora.dropout=0", gpus=1)
     dropout = est(*base, "lora.dropout=0.1", gpus=1)
+    own_masks = est(*base, "lora.dropout=0.1", "lora.fuse=false", gpus=1)
     hidden, layers = 4096, 40
     extra = 1024 * layers * 2 * (3 * hidden) * 2  # tokens x layers x (mask + input) x 3 inputs of 4096 x bf16
-    assert dropout.terms["activations"] - no_dropout.terms["activations"] == extra
+    assert own_masks.terms["activations"] - no_dropout.terms["activations"] == extra
+    # lora.fuse (the default): q, k and v read one input and share one mask
+    assert dropout.terms["activations"] - no_dropout.terms["activations"] == extra // 3
     assert est(*base, "method=prefix", gpus=1).terms["activations"] == no_dropout.terms["activations"]
 
 

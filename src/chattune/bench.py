@@ -8,7 +8,9 @@ Recipes (everything else is identical: config defaults, LoRA r on all linear lay
 - tutorial: every sample padded to `max_length`, fp32, logits over every position, no length grouping;
 - dynamic:  padding to the longest sample of each batch, fp32, full logits (a middle baseline);
 - chattune: chattune's defaults (padding-free packing, label-only logits, precision=auto);
-- compiled: chattune's defaults plus train.compile=true (only when asked for: recipes=chattune,compiled).
+- compiled: chattune's defaults plus train.compile=true (only when asked for: recipes=chattune,compiled);
+- unfused:  chattune's defaults with lora.fuse=false (peft's own adapter calls, one dropout mask per adapter;
+            only when asked for: recipes=chattune,unfused).
 
 Fairness:
 - every recipe trains on the first `samples` records, in one fixed shuffled order, `batch_size` per step, so step k
@@ -71,6 +73,12 @@ RECIPES: dict[str, dict] = {
     "compiled": {  # not in the default recipes: opt in with recipes=chattune,compiled
         "about": "chattune defaults + train.compile=true (compile time counted in the whole-process figure)",
         "overrides": ["train.compile=true"],
+        "pad_to_max_length": False,
+        "baseline": False,
+    },
+    "unfused": {  # not in the default recipes: opt in with recipes=chattune,unfused
+        "about": "chattune defaults with lora.fuse=false (peft's own adapter calls, one dropout mask each)",
+        "overrides": ["lora.fuse=false"],
         "pad_to_max_length": False,
         "baseline": False,
     },

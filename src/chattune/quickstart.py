@@ -75,7 +75,7 @@ def quickstart(output_dir: str = "runs/quickstart", steps: int | None = None, lo
     on. The saved adapter is what `chattune chat --adapter` loads (test_bundled checks the two agree)."""
     from chattune.config import load_config
     from chattune.inference import Tuned
-    from chattune.train import packed_attention
+    from chattune.train import packed_attention, shared_lora
     from chattune.train.trainer import train
 
     t0 = time.perf_counter()
@@ -93,6 +93,7 @@ def quickstart(output_dir: str = "runs/quickstart", steps: int | None = None, lo
     run = result.run
     model = run.model.eval()
     packed_attention.disable(model)  # plain SDPA for generation (packed attention is a training kernel)
+    shared_lora.uninstall(model)  # peft's own adapter calls, as `chat --adapter` runs the saved adapter
     tuned = Tuned(model, run.tokenizer, run.template, source=str(out))
     with model.disable_adapter():
         before = _answers(tuned, PROMPTS)

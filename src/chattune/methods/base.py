@@ -34,6 +34,9 @@ class Method:
       backward pass on top of the base layer's (LoRA's dropout: mask and dropped-out input of each adapted layer);
       `model` is the method-applied model (on the meta device in `chattune estimate`).
     The last two are the memory terms `chattune estimate` reads from the method.
+    - `speed_up(model, cfg, distributed_engine=, compiled=)`: the method's own changes to how its modules run in
+      training, applied after `apply` and chattune's other CPU changes (LoRA: shared down-projections); returns a
+      line for the log, or None.
 
     `preflight` also checks train.deepspeed / train.fsdp (common.py) and, for DeepSpeed started without a
     launcher, sets the one-process rendezvous environment DeepSpeed needs.
@@ -66,6 +69,9 @@ class Method:
 
     def extra_activations(self, model: Any, cfg: Any) -> int:
         return 0
+
+    def speed_up(self, model: Any, cfg: Any, *, distributed_engine: bool, compiled: bool) -> str | None:
+        return None
 
     def __repr__(self) -> str:
         return f"<method {self.name}>"

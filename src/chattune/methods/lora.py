@@ -5,7 +5,7 @@ for architectures peft has no defaults for (e.g. ChatGLM's fused `query_key_valu
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Literal, Union
 
 from pydantic import Field
 
@@ -19,6 +19,9 @@ class LoraConfig(Section):
     alpha: float = Field(16, gt=0, description="scaling: the update is multiplied by alpha / r")
     dropout: float = Field(0.05, ge=0, lt=1)
     target: Union[str, list[str]] = Field("all", description="`all` linear layers but the head, or names")
+    fuse: Union[bool, Literal["auto"]] = Field(
+        "auto", description="adapters that read the same input (q/k/v, gate/up) share one down-projection and "
+        "dropout mask: auto/true (where the run allows it), false (peft's own calls, one mask per adapter)")
 
 
 def _is_linear(module) -> bool:
@@ -81,17 +84,30 @@ class LoRA(Method):
     def base_weight_bits(self, cfg) -> int | None:
         return 8 if cfg.model.load_in_8bit else None
 
+    def speed_up(self, model, cfg, *, distributed_engine: bool, compiled: bool) -> str | None:
+        from chattune.train import shared_lora
+
+        fuse, why = shared_lora.should_fuse(cfg.lora.fuse, cfg.lora.dropout, distributed_engine, compiled)
+        if not fuse:
+            return f"lora.fuse: off ({why})"
+        return f"lora.fuse: {shared_lora.install(model)} adapted layers share a down-projection ({why})"
+
     def extra_activations(self, model, cfg) -> int:
         """Each adapted layer's own dropout keeps its mask and its dropped-out input (in_features elements each,
         per token) for backward; with dropout 0 peft uses Identity and the adapter shares the layer's saved input.
-        Counted on one decoder layer of the peft model (they are alike)."""
+        With lora.fuse on, adapters that read one input share one mask (train/shared_lora.py). Counted on one
+        decoder layer of the peft model (they are alike)."""
         import torch
 
         from chattune.methods.freeze import decoder_layers
+        from chattune.train import shared_lora
 
         if cfg.lora.dropout <= 0:
             return 0
         _, layers = decoder_layers(model)
+        engine = bool(cfg.train.deepspeed or cfg.train.fsdp)
+        if shared_lora.should_fuse(cfg.lora.fuse, cfg.lora.dropout, engine, cfg.train.compile is True)[0]:
+            return sum(2 * width for width in shared_lora.masks_kept(layers[0]))
         return sum(2 * module.in_features for module in layers[0].modules()
                    if hasattr(module, "lora_dropout") and hasattr(module, "in_features")
                    and any(isinstance(d, torch.nn.Dropout) for d in module.lora_dropout.values()))

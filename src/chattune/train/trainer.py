@@ -499,6 +499,10 @@ def prepare(cfg: RunConfig, log=print, options: TrainOptions | None = None) -> P
     per_step = t.batch_size * t.grad_accum * int(os.environ.get("WORLD_SIZE", "1"))
     steps = t.max_steps if t.max_steps > 0 else math.ceil(math.ceil(len(data.train) / per_step) * t.epochs)
     compiled, why_compile = should_compile(t.compile, device, steps, distributed_engine)
+    if not options.baseline:
+        line = method.speed_up(model, cfg, distributed_engine=distributed_engine, compiled=compiled)
+        if line:
+            log(line)
     if compiled:
         log(f"compile: {compile_layers(model)} decoder layers ({why_compile}; the first steps include compiling)")
     trainable, total = count_parameters(model)
