@@ -9,7 +9,8 @@ The run is the setting of docs/benchmarks.md (LoRA r=8 alpha=32 dropout 0.1 on a
 max_length 512, ChatML system prompt "You are a helpful assistant.", the first 120 records of
 alpaca_en_demo.json). The first `--skip` steps are not profiled (warm-up, compilation). "Python and the rest" is
 the wall time of the profiled steps minus every operator's self time: per-step Python, the Trainer's loop, the
-data collator and anything else that runs outside torch operators.
+data collator and anything else that runs outside torch operators. The operator calls per step are exact counts,
+which, unlike the seconds, do not drift with the machine's speed between two runs.
 
 Kinds, by operator name (and, for matrix products, by shape: a product with a side of at most 64 is an adapter's
 rank-r product):
@@ -107,19 +108,24 @@ def main(argv: list[str]) -> int:
                                f"train.max_steps={a.skip + a.steps}", "train.save_steps=100000", *a.overrides])
     train(cfg, log=lambda m: None, options=TrainOptions(callbacks=(cb,)))
     totals: dict[str, float] = defaultdict(float)
+    calls: dict[str, int] = defaultdict(int)
     for ev in cb.prof.key_averages(group_by_input_shape=True):
-        totals[kind_of(ev.key, ev.input_shapes)] += ev.self_cpu_time_total / 1e6
+        kind = kind_of(ev.key, ev.input_shapes)
+        totals[kind] += ev.self_cpu_time_total / 1e6
+        calls[kind] += ev.count
     ops = sum(totals.values())
     totals["Python and the rest"] = max(cb.wall - ops, 0.0)
     rows = sorted(totals.items(), key=lambda kv: -kv[1])
     print(f"{a.steps} profiled steps, {cb.wall:.2f} s wall ({cb.wall / a.steps:.2f} s/step), torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads; overrides: {' '.join(a.overrides) or 'none'}")
-    print("| kind of work | s/step | share |\n|---|---|---|")
+    print("| kind of work | s/step | share | operator calls/step |\n|---|---|---|---|")
     for kind, sec in rows:
-        print(f"| {kind} | {sec / a.steps:.3f} | {100 * sec / cb.wall:.1f}% |")
+        n = f"{calls[kind] / a.steps:,.0f}" if kind in calls else "-"
+        print(f"| {kind} | {sec / a.steps:.3f} | {100 * sec / cb.wall:.1f}% | {n} |")
     if a.json:
         Path(a.json).write_text(json.dumps({"wall_s_per_step": cb.wall / a.steps, "overrides": a.overrides,
-                                            "kinds": {k: s / a.steps for k, s in rows}}, indent=2))
+                                            "kinds": {k: s / a.steps for k, s in rows},
+                                            "calls_per_step": {k: calls[k] / a.steps for k in calls}}, indent=2))
     return 0
 
 

@@ -24,9 +24,10 @@ Exactness: with `lora.dropout=0` the result is peft's, up to the summation order
 on losses and gradients). With dropout > 0 the members of a group share one dropout mask instead of drawing one
 each: each adapter still sees its input with a fraction `p` dropped and scaled by 1/(1-p), as in peft, but q, k and v
 see the same positions dropped. That is a different draw of the regulariser, not peft's (chattune's CPU dropout,
-fast_dropout.py, already draws its own random numbers); `lora.fuse=auto` uses it, because it measured no worse in
-held-out loss and saved the mask and dropped-out input of 3 of every 7 adapters (docs/benchmarks.md), and
-`lora.fuse=false` keeps peft's own calls with one mask per adapter. Not used with DeepSpeed/FSDP (ZeRO-3 and FSDP
+fast_dropout.py, already draws its own random numbers); `lora.fuse=auto` uses it, because it measured the same
+held-out loss and keeps the mask and dropped-out input of 3 of every 7 adapters less (6-15% lower peak memory on the
+bundled model; tokens/s on a 2-core CPU did not change measurably: docs/benchmarks.md), and `lora.fuse=false` keeps
+peft's own calls with one mask per adapter. Not used with DeepSpeed/FSDP (ZeRO-3 and FSDP
 keep the `A` weights partitioned until their own module is called) or with `train.compile` (the per-call identity
 checks are Python that the compiled graph would have to guard).
 """
