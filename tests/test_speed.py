@@ -477,6 +477,29 @@ def test_bench_smoke(tiny_run, tmp_path, capsys):
     assert report["machine"]["matmul_gflops"]["fp32"] > 0
 
 
+def test_bench_rounds_alternate_the_order_and_report_the_means(tiny_run, tmp_path):
+    """rounds=3 runs dynamic, chattune / chattune, dynamic / dynamic, chattune; each recipe's timed figures are
+    the means of its rounds, its losses the same in every round."""
+    from chattune import bench
+
+    root, model, data = tiny_run
+    out = tmp_path / "bench.json"
+    logs: list[str] = []
+    rc = bench.main([f"model={model}", f"data={data}", "samples=8", "eval_samples=4", "steps=2", "max_length=64",
+                     "recipes=dynamic,chattune", "rounds=3", "isolate=false", f"out={out}"], log=logs.append)
+    assert rc == 0
+    started = [m.split("`")[1] for m in logs if m.startswith("bench: recipe `")]
+    assert started == ["dynamic", "chattune", "chattune", "dynamic", "dynamic", "chattune"]
+    report = json.loads(out.read_text())
+    for name, first in (("dynamic", [1, 2, 1]), ("chattune", [2, 1, 2])):
+        r = report["recipes"][name]
+        assert [x["round"] for x in r["rounds"]] == [1, 2, 3] and [x["position"] for x in r["rounds"]] == first
+        for key in ("tokens_per_s", "s_per_step", "peak_memory_mb"):
+            assert r[key] == pytest.approx(sum(x[key] for x in r["rounds"]) / 3, abs=1e-3)
+        assert len({x["final_loss"] for x in r["rounds"]}) == 1
+        assert r["heldout_loss"] is not None  # scored once, in the first round
+
+
 def test_bench_rejects_bad_arguments(tmp_path):
     from chattune import bench
     from chattune.errors import ConfigError
@@ -489,6 +512,8 @@ def test_bench_rejects_bad_arguments(tmp_path):
         bench.parse_args([f"data={tmp_path / 'missing.json'}"])
     with pytest.raises(ConfigError, match="eval_samples"):
         bench.parse_args(["eval_samples=-1"])
+    with pytest.raises(ConfigError, match="rounds"):
+        bench.parse_args(["rounds=0"])
     spec = bench.parse_args([f"data={tiny.write_jsonl(tmp_path / 'd.jsonl', [{'instruction': 'a', 'output': 'b'}])}",
                              "steps=2", "lora.r=4", "recipes=dynamic,chattune", "eval_samples=0"])
     assert (spec.steps, spec.lora.r, spec.recipes, spec.eval_samples) == (2, 4, ["dynamic", "chattune"], 0)

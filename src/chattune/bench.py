@@ -2,7 +2,7 @@
 
     chattune bench [model=bundled] [data=FILE] [samples=120] [steps=30] [batch_size=4] [max_length=512]
                    [lora.r=8] [recipes=tutorial,dynamic,chattune] [threads=N] [last=5] [eval_samples=40]
-                   [out=results.json]
+                   [rounds=1] [out=results.json]
 
 Recipes (everything else is identical: config defaults, LoRA r on all linear layers, optimizer, schedule, seed):
 - tutorial: every sample padded to `max_length`, fp32, logits over every position, no length grouping;
@@ -25,6 +25,10 @@ Fairness:
 - loss: the mean training loss of the last `last` steps, as each recipe computes it (bf16 rounds the logits), and
   a held-out loss: the next `eval_samples` records after the training ones, scored in fp32 by the same code for
   every recipe (fp32 base model + the recipe's saved adapter), so the two can be compared free of numerics;
+- order: on a shared VM the recipe that runs second can be measurably faster whatever it is (seen on the project's
+  AVX2 VM: docs/benchmarks.md), so `rounds=N` runs the recipe list N times, reversing the order every other round
+  (ABBA...), and reports each recipe's mean over its rounds, with every round's figures and position in the JSON;
+  the held-out loss (deterministic) is scored in the first round only;
 - MFU-style share: model FLOPs per real token (4 per frozen parameter: forward 2 + input gradient 2; 6 per trainable
   parameter, which also gets a weight gradient) x real tokens/s, divided by the matmul throughput measured here for
   the recipe's precision. Attention-score FLOPs are left out (a few % at these lengths). See docs/benchmarks.md.
@@ -114,6 +118,7 @@ class BenchSpec(Section):
     last: int = Field(5, ge=1)
     seed: int = 42
     eval_samples: int = Field(40, ge=0)
+    rounds: int = Field(1, ge=1, description="run the recipes this many times, alternating their order")
     out: str | None = None
     isolate: bool = True
 
@@ -457,6 +462,23 @@ def _worker(job_path: str) -> int:
     return 0
 
 
+TIMED = ("tokens_per_s", "s_per_step", "total_seconds", "startup_seconds", "process_seconds", "peak_memory_mb",
+         "peak_memory_growth_mb", "achieved_gflops")
+
+
+def combine_rounds(runs: list[dict]) -> dict:
+    """One recipe's result over its rounds: the first round's record (its losses, held-out score and settings)
+    with every timed figure replaced by the mean over the rounds, and each round's figures under `rounds`."""
+    combined = {k: v for k, v in runs[0].items() if k not in ("round", "position")}
+    if len(runs) == 1:
+        return combined
+    for key in TIMED:
+        values = [r[key] for r in runs if r.get(key) is not None]
+        combined[key] = round(sum(values) / len(values), 3) if len(values) == len(runs) else combined.get(key)
+    combined["rounds"] = [{k: r.get(k) for k in ("round", "position", *TIMED, "final_loss")} for r in runs]
+    return combined
+
+
 def add_ratios(results: dict[str, dict], machine: dict) -> dict:
     peaks = machine.get("matmul_gflops", {})
     for r in results.values():
@@ -509,6 +531,10 @@ def format_table(results: dict[str, dict], ratios: dict, machine: dict) -> str:
     where = machine.get("cpu") or machine.get("gpu") or machine["device"]
     extra = f", capability {machine['cpu_capability']}, {machine['threads']} threads" if "cpu" in machine else ""
     lines.append(f"machine: {where}{extra}; measured matmul GFLOP/s: {peaks}")
+    for name, r in results.items():
+        if r.get("rounds"):
+            each = ", ".join(f"{x['tokens_per_s']:.1f} (run {x['position']} of its round)" for x in r["rounds"])
+            lines.append(f"rounds of {name} (mean shown above): real tok/s {each}")
     for name, ratio in ratios.items():
         parts = [f"{ratio['tokens_per_s']}x real tokens/s"]
         if ratio.get("process_seconds"):
@@ -535,12 +561,19 @@ def main(args: list[str], log=print) -> int:
         data_file, n_samples, eval_file = _subset_file(spec.data, spec.samples, workdir, spec.eval_samples)
         if n_samples < spec.batch_size:
             raise ConfigError(f"bench: {spec.data} holds only {n_samples} records, fewer than batch_size")
-        for recipe in spec.recipes:
-            log(f"bench: recipe `{recipe}` ({RECIPES[recipe]['about']})")
-            if spec.isolate:
-                results[recipe] = _run_isolated(spec, recipe, data_file, n_samples, workdir, log, eval_file)
-            else:
-                results[recipe] = run_recipe(spec, recipe, data_file, n_samples, workdir, eval_file)
+        runs: dict[str, list[dict]] = {recipe: [] for recipe in spec.recipes}
+        for round_index in range(spec.rounds):
+            order = spec.recipes if round_index % 2 == 0 else spec.recipes[::-1]
+            scored = eval_file if round_index == 0 else None
+            for position, recipe in enumerate(order):
+                where = f", round {round_index + 1} of {spec.rounds}" if spec.rounds > 1 else ""
+                log(f"bench: recipe `{recipe}` ({RECIPES[recipe]['about']}{where})")
+                if spec.isolate:
+                    run = _run_isolated(spec, recipe, data_file, n_samples, workdir, log, scored)
+                else:
+                    run = run_recipe(spec, recipe, data_file, n_samples, workdir, scored)
+                runs[recipe].append(run | {"round": round_index + 1, "position": position + 1})
+        results = {recipe: combine_rounds(recipe_runs) for recipe, recipe_runs in runs.items()}
     ratios = add_ratios(results, machine)
     table = format_table(results, ratios, machine)
     print(table, flush=True)
