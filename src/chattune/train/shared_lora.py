@@ -210,7 +210,7 @@ def should_fuse(setting, dropout: float, distributed_engine: bool, compiled: boo
     if distributed_engine:
         return False, "not with DeepSpeed/FSDP (their partitioned weights are gathered per module call)"
     if compiled:
-        return False, "not with train.compile (the compiled layers fuse on their own)"
+        return False, "not with train.compile (its graph would have to guard the per-call input checks)"
     if dropout > 0:
         return True, (f"{'lora.fuse=true' if setting is True else 'auto'}: one dropout mask per shared input; "
                       "lora.fuse=false for one per adapter, as peft draws them")
