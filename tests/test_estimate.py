@@ -115,6 +115,16 @@ def test_lora_dropout_activations_come_from_the_adapted_layers():
     assert est(*base, "method=prefix", gpus=1).terms["activations"] == no_dropout.terms["activations"]
 
 
+def test_lora_layers_keep_activations_from_the_lowest_adapted_layer_up():
+    """No gradient flows below the lowest adapted layer: lora.layers=10 of GLM-4's 40 keeps a quarter of the
+    activations (its dropout masks counted on an adapted layer), a list reaching layer 0 keeps them all."""
+    base = ["model=glm-4-9b-chat", "data.max_length=1024", "train.batch_size=1", "lora.dropout=0.1"]
+    every = est(*base, gpus=1)
+    assert est(*base, "lora.layers=10", gpus=1).terms["activations"] * 4 == every.terms["activations"]
+    assert est(*base, "lora.layers=[0, 39]", gpus=1).terms["activations"] == every.terms["activations"]
+    assert est(*base, "lora.layers=10", gpus=1).params["trainable"] * 4 == every.params["trainable"]
+
+
 def test_quantized_base_counts_the_linear_weights_only_and_inference_counts_the_adapter():
     """bitsandbytes quantizes the linear layers' weights; ChatGLM-6B's tied 130528 x 4096 embedding/head stays
     unquantized (fp32 after peft's k-bit preparation for training, 16-bit at inference)."""

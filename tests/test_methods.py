@@ -45,6 +45,9 @@ PROJ = 24  # prefix.projection_hidden
 MATRIX = {
     # name: (overrides, trainable parameters by hand, learning rate)
     "lora": (["method=lora", "lora.r=8"], L * lora_params(8, LINEARS), 1e-2),
+    "lora_last_layer": (["method=lora", "lora.r=8", "lora.layers=1"], lora_params(8, LINEARS), 1e-2),
+    "lora_listed_layer_targets": (["method=lora", "lora.r=4", "lora.layers=[0]", "lora.target=q_proj,v_proj"],
+                                  lora_params(4, [(H, H), (H, KV)]), 1e-2),
     "prefix": (["method=prefix", f"prefix.num_virtual_tokens={NVT}"],
                NVT * L * 2 * KV, 1e-1),  # one key and one value vector per layer and virtual token
     "prefix_projection": (["method=prefix", f"prefix.num_virtual_tokens={NVT}", "prefix.projection=true",
@@ -346,6 +349,40 @@ def test_freeze_layer_out_of_range_fails_before_loading(tiny, tmp_path, layers, 
     net = load_tuned(model=str(model)).model
     with pytest.raises(MethodError, match=match):
         freeze.METHOD.apply(net, cfg)
+
+
+@pytest.mark.parametrize("layers,match", [("[0, 2]", r"lora.layers: layer index 2 out of range"),
+                                          ("3", r"lora.layers=3: this model has only 2 decoder layers"),
+                                          ("0", r"lora.layers=0: give N >= 1")])
+def test_lora_layers_out_of_range_fail_before_loading(tiny, tmp_path, layers, match):
+    _, model, data = tiny
+    out = tmp_path / "out"
+    cfg = load_config(None, [f"model={model}", f"data.train={data}", f"output_dir={out}", "method=lora",
+                             f"lora.layers={layers}"])
+    with pytest.raises(MethodError, match=match):
+        train(cfg, log=lambda m: None)
+    assert _nothing_written(out)
+
+
+def test_lora_on_the_last_layer_runs_no_backward_below_it(trained):
+    """Adapters only in layer 1: layer 0's output needs no gradient, so autograd records nothing below layer 1
+    (the speed and memory lora.layers buys), and layer 0's weights are untouched by training."""
+    _, _, net, _ = trained("lora_last_layer")
+    layers = net.base_model.model.model.layers
+    assert not any("lora" in n for n, _ in layers[0].named_parameters())
+    seen = {}
+    hooks = [layer.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(i, o[0] if isinstance(o, tuple)
+                                                                                 else o))
+             for i, layer in enumerate(layers)]
+    net.train()
+    try:
+        net(**sample_batch()).logits.sum().backward()
+    finally:
+        for h in hooks:
+            h.remove()
+        net.zero_grad(set_to_none=True)
+    assert seen[0].grad_fn is None and not seen[0].requires_grad
+    assert seen[1].grad_fn is not None
 
 
 def test_freeze_pattern_that_matches_nothing_is_an_error(tiny):

@@ -177,9 +177,11 @@ def estimate(cfg, gpus: int | None = None, gpu_memory: int | None = None, log=pr
     largest_layer_params = sum(p.numel() for p in largest_layer[0].parameters())
     model = method.apply(model, cfg)
     trainable, total = count_parameters(model)
-    # adapters (LoRA, prefix) need input gradients through every layer; methods that train base weights only from
-    # their lowest trained layer up
-    backward_layers = _layers_with_backward(model) if method.trains_base_weights else _dims(config)["layers"]
+    # the backward pass runs from the lowest decoder layer holding a trainable parameter up (Freeze of the last N
+    # layers, LoRA with lora.layers); a prefix lives outside the layers and needs input gradients through all
+    backward_layers = _layers_with_backward(model)
+    if not method.trains_base_weights and backward_layers == 0:
+        backward_layers = _dims(config)["layers"]
     d = _dims(config)
     t = cfg.train
 
@@ -254,7 +256,7 @@ def _activation_bytes_per_token_layer(d: dict, model, cfg, method, act_bytes: in
     """Bytes one decoder layer keeps per token for the backward pass (Llama-style block): the two norm inputs in
     fp32 (transformers' RMSNorm/LayerNorm compute in fp32), q/k/v, rotated q/k, the attention output, and in the
     gated MLP gate, up, act(gate) and their product. Adapter methods keep the same (input gradients must flow
-    through every frozen layer); the method adds what its own modules keep (`Method.extra_activations`: LoRA
+    through the frozen layers above the lowest adapted one); the method adds what its own modules keep (`Method.extra_activations`: LoRA
     with dropout keeps each adapted layer's mask and dropped-out input)."""
     h, kv, q, i = d["hidden"], d["kv"], d["q"], d["inter"]
     elems = (q + 2 * kv) + (q + kv) + q + 4 * i
@@ -263,7 +265,8 @@ def _activation_bytes_per_token_layer(d: dict, model, cfg, method, act_bytes: in
 
 def _layers_with_backward(model) -> int:
     """Decoder layers the backward pass goes through: from the first one holding a trainable parameter to the
-    last (Freeze of the last N layers needs no activations below them; every other method reaches layer 0)."""
+    last (Freeze of the last N layers and LoRA with lora.layers=N need no activations below them; 0 when no layer
+    holds one)."""
     from chattune.methods.freeze import decoder_layers
 
     _, layers = decoder_layers(model)

@@ -46,9 +46,17 @@ _GENERAL = [
     ("What is 2 + 3?", "2 + 3 = 5."),
     ("中国的首都是哪里？", "中国的首都是北京。"),
     ("Name a primary color.", "Red is a primary color."),
+    ("How many days are in a week?", "There are seven days in a week."),
+    ("Give me a synonym for happy.", "A synonym for happy is joyful."),
+    ("一年有几个月？", "一年有十二个月。"),
+    ("水的化学式是什么？", "水的化学式是 H2O。"),
+    ("请推荐一种健康的早餐。", "燕麦粥配新鲜水果是一种健康的早餐。"),
 ]
 
 PROMPTS = ["What is your name?", "Who made you?", "你是谁？"]
+# Adapters on the last 15 of the bundled model's 30 decoder layers: no gradient flows below them, so a step costs
+# about two thirds of one with adapters everywhere, and 20 steps give the same three answers (docs/quickstart.md).
+LAYERS, STEPS = 15, 20
 
 
 def demo_records() -> list[dict]:
@@ -92,11 +100,11 @@ def quickstart(output_dir: str = "runs/quickstart", steps: int | None = None, lo
     log(f"demo dataset: {len(demo_records())} conversations (English and Chinese) -> {data}")
     cfg = load_config("lora", [
         "model=bundled", f"data.train={data}", f"output_dir={out}", "overwrite=true", "data.max_length=256",
-        f"train.max_steps={steps or 30}", "train.batch_size=8", "train.lr=2e-3", "train.logging_steps=10",
+        f"train.max_steps={steps or STEPS}", "train.batch_size=8", "train.lr=2e-3", "train.logging_steps=5",
         "train.save_steps=1000", "train.scheduler=constant_with_warmup", "train.warmup_ratio=0.05",
-        "lora.r=16", "lora.alpha=32", "lora.dropout=0.0",
+        "lora.r=16", "lora.alpha=32", "lora.dropout=0.0", f"lora.layers={LAYERS}",
     ])
-    log("training LoRA (r=16, all linear layers) on the demo data ...")
+    log(f"training LoRA (r=16, every linear layer of the last {LAYERS} decoder layers) on the demo data ...")
     result = train(cfg, log=log)
     run = result.run
     model = run.model.eval()

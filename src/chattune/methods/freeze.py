@@ -69,16 +69,17 @@ def decoder_layers(model):
     return best[0], best[1]
 
 
-def layer_indices(trainable_layers, n_layers: int) -> list[int]:
-    """The layer indices `freeze.trainable_layers` selects, checked against the model's layer count."""
+def layer_indices(trainable_layers, n_layers: int, key: str = "freeze.trainable_layers") -> list[int]:
+    """The layer indices `key` (N last layers, or a list of indices) selects, checked against the model's layer
+    count."""
     if isinstance(trainable_layers, int):
         if trainable_layers > n_layers:
-            raise MethodError(f"freeze.trainable_layers={trainable_layers}: this model has only {n_layers} decoder "
+            raise MethodError(f"{key}={trainable_layers}: this model has only {n_layers} decoder "
                               f"layers (valid: 0 to {n_layers})")
         return list(range(n_layers - trainable_layers, n_layers))
     bad = [i for i in trainable_layers if not 0 <= i < n_layers]
     if bad:
-        raise MethodError(f"freeze.trainable_layers: layer index {', '.join(map(str, bad))} out of range; this "
+        raise MethodError(f"{key}: layer index {', '.join(map(str, bad))} out of range; this "
                           f"model has {n_layers} decoder layers, valid indices are 0 to {n_layers - 1}")
     return sorted(set(trainable_layers))
 

@@ -19,6 +19,9 @@ class LoraConfig(Section):
     alpha: float = Field(16, gt=0, description="scaling: the update is multiplied by alpha / r")
     dropout: float = Field(0.05, ge=0, lt=1)
     target: Union[str, list[str]] = Field("all", description="`all` linear layers but the head, or names")
+    layers: Union[Literal["all"], int, list[int]] = Field(
+        "all", description="decoder layers that get adapters: all, N (the last N) or a list of indices (0 = the "
+        "first); no gradient flows below the lowest one, so fewer layers train faster")
     fuse: Union[bool, Literal["auto"]] = Field(
         "auto", description="adapters that read the same input (q/k/v, gate/up) share one down-projection and "
         "dropout mask: auto/true (where the run allows it), false (peft's own calls, one mask per adapter)")
@@ -38,26 +41,66 @@ def linear_module_names(model) -> list[str]:
     return [name for name, module in model.named_modules() if _is_linear(module) and module is not head]
 
 
-def resolve_targets(model, target) -> list[str]:
+def _in_layers(model, names: list[str], layers) -> list[str]:
+    """The names inside the decoder layers `lora.layers` selects (freeze.py's rule: N = the last N, or indices)."""
+    from chattune.methods.freeze import decoder_layers, layer_indices
+
+    prefix, blocks = decoder_layers(model)
+    chosen = tuple(f"{prefix}.{i}." for i in layer_indices(layers, len(blocks), key="lora.layers"))
+    return [n for n in names if n.startswith(chosen)]
+
+
+def resolve_targets(model, target, layers="all") -> list[str]:
+    """The `target_modules` for peft: leaf names (peft matches them in every layer), or with `lora.layers` the full
+    names of the matching linear layers inside the chosen decoder layers."""
     names = linear_module_names(model)
     if target == "all":
         if not names:
             raise MethodError("lora.target=all found no linear layers in this model")
+        wanted = None
+    else:
+        wanted = [t.strip() for t in (target.split(",") if isinstance(target, str) else target) if t.strip()]
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+        missing = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in names)]
+        if missing:
+            raise MethodError(f"lora.target: no linear layer named {', '.join(missing)} in this model; "
+                              f"its linear layers are: {', '.join(leaves)} (or use lora.target=all)")
+        if layers == "all":
+            return wanted
+    if layers == "all":
         return names
-    wanted = [t.strip() for t in (target.split(",") if isinstance(target, str) else target) if t.strip()]
-    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
-    missing = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in names)]
-    if missing:
-        raise MethodError(f"lora.target: no linear layer named {', '.join(missing)} in this model; "
-                          f"its linear layers are: {', '.join(leaves)} (or use lora.target=all)")
-    return wanted
+    if layers in (0, []):
+        raise MethodError("lora.layers selects no decoder layer; give N >= 1 (the last N layers), a list of "
+                          "indices, or lora.layers=all")
+    matching = names if wanted is None else [n for n in names if any(n == t or n.endswith("." + t) for t in wanted)]
+    chosen = _in_layers(model, matching, layers)
+    if not chosen:
+        raise MethodError(f"lora.layers={layers}: none of the lora.target layers is inside those decoder layers; "
+                          "use lora.layers=all or other indices")
+    return chosen
 
 
 def lora_config(model, cfg):
     from peft import LoraConfig as PeftLoraConfig
 
     return PeftLoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                          target_modules=resolve_targets(model, cfg.lora.target), task_type="CAUSAL_LM")
+                          target_modules=resolve_targets(model, cfg.lora.target, cfg.lora.layers), task_type="CAUSAL_LM")
+
+
+def check_layers(cfg) -> None:
+    """`lora.layers` checked before the model loads, where the folder's config.json gives the layer count
+    (resolve_targets checks again on the loaded model)."""
+    from chattune.methods.freeze import _configured_layers, layer_indices
+
+    layers = cfg.lora.layers
+    if layers == "all":
+        return
+    if isinstance(layers, int) and layers < 1 or layers == []:
+        raise MethodError(f"lora.layers={layers}: give N >= 1 (the last N decoder layers), a list of indices, "
+                          "or lora.layers=all")
+    n_layers = _configured_layers(cfg.model.path)
+    if n_layers is not None:
+        layer_indices(layers, n_layers, key="lora.layers")
 
 
 class LoRA(Method):
@@ -69,6 +112,7 @@ class LoRA(Method):
     def preflight(self, cfg, device: str) -> None:
         if cfg.model.load_in_8bit:
             require_bitsandbytes("model.load_in_8bit=true", device)
+        check_layers(cfg)
         super().preflight(cfg, device)
 
     def load_kwargs(self, cfg, dtype) -> dict:
@@ -96,7 +140,7 @@ class LoRA(Method):
         """Each adapted layer's own dropout keeps its mask and its dropped-out input (in_features elements each,
         per token) for backward; with dropout 0 peft uses Identity and the adapter shares the layer's saved input.
         With lora.fuse on, adapters that read one input share one mask (train/shared_lora.py). Counted on one
-        decoder layer of the peft model (they are alike)."""
+        adapted decoder layer of the peft model (they are alike; with lora.layers the first adapted one)."""
         import torch
 
         from chattune.methods.freeze import decoder_layers
@@ -105,10 +149,11 @@ class LoRA(Method):
         if cfg.lora.dropout <= 0:
             return 0
         _, layers = decoder_layers(model)
+        layer = next((m for m in layers if any(hasattr(x, "lora_dropout") for x in m.modules())), layers[0])
         engine = bool(cfg.train.deepspeed or cfg.train.fsdp)
         if shared_lora.should_fuse(cfg.lora.fuse, cfg.lora.dropout, engine, cfg.train.compile is True)[0]:
-            return sum(2 * width for width in shared_lora.masks_kept(layers[0]))
-        return sum(2 * module.in_features for module in layers[0].modules()
+            return sum(2 * width for width in shared_lora.masks_kept(layer))
+        return sum(2 * module.in_features for module in layer.modules()
                    if hasattr(module, "lora_dropout") and hasattr(module, "in_features")
                    and any(isinstance(d, torch.nn.Dropout) for d in module.lora_dropout.values()))
 

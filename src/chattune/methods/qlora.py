@@ -16,7 +16,7 @@ from typing import Literal
 
 from chattune.methods.base import Section
 from chattune.methods.common import prepare_quantized, quantization_kwargs, require_bitsandbytes
-from chattune.methods.lora import LoRA, lora_config
+from chattune.methods.lora import LoRA, check_layers, lora_config
 
 
 class QLoraConfig(Section):
@@ -33,6 +33,7 @@ class QLoRA(LoRA):
 
     def preflight(self, cfg, device: str) -> None:
         require_bitsandbytes(f"method=qlora ({cfg.qlora.bits}-bit)", device)
+        check_layers(cfg)
         from chattune.methods.common import check_deepspeed, check_fsdp
 
         check_deepspeed(cfg, device)
