@@ -101,6 +101,38 @@ def test_shared_datasets_encode_with_the_bundled_template(bundled, shared_data, 
     assert report["records"] > 100 and report["mean_trained"] >= min_trained
 
 
+def test_a_datasets_pieces_tokenize_in_one_batch_call_with_the_same_ids(bundled, tmp_path, monkeypatch):
+    """encode_conversations tokenizes the distinct piece texts in one call of the real (BPE, merges) tokenizer:
+    the ids and labels equal one call per piece, with the template's truncation still applied per sample."""
+    from transformers import AutoTokenizer
+
+    from chattune.data import encode
+    from chattune.data.formats import load_conversations
+    from chattune.data.templates import get_template
+
+    tok = AutoTokenizer.from_pretrained(bundled)
+    path = write_demo_data(tmp_path / "demo.jsonl")
+    with open(path, "a", encoding="utf-8") as f:  # multi-turn, a system prompt, and one sample cut to max_length
+        f.write('{"instruction": "And then?", "output": "Then we stop.", "system": "Be brief.", '
+                '"history": [["你好", "你好！有什么可以帮你？"], ["Count to three", "1, 2, 3."]]}\n')
+        f.write('{"instruction": "' + "tell me more " * 80 + '", "output": "No."}\n')
+    convs = load_conversations(str(path)).conversations
+    template = get_template("auto", tok)
+    one_by_one = [encode.encode_conversation(c, template, tok, 200) for c in convs]
+    calls = []
+    real = type(tok).__call__
+    monkeypatch.setattr(type(tok), "__call__", lambda self, *a, **k: calls.append(a[0]) or real(self, *a, **k))
+    encode.encode_conversations(convs[:-1], template, tok, 200)
+    assert len(calls) == 1 and isinstance(calls[0], list) and len(calls[0]) == len(set(calls[0]))
+    calls.clear()
+    batched = encode.encode_conversations(convs, template, tok, 200)
+    # one batch, then the over-long sample's shortened renderings, tokenized as they are tried
+    assert isinstance(calls[0], list) and calls[1:] and all(isinstance(c, str) for c in calls[1:])
+    assert [(e.input_ids, e.labels, e.truncated) for e in batched] == \
+        [(e.input_ids, e.labels, e.truncated) for e in one_by_one if e is not None]
+    assert any(e.truncated for e in batched)
+
+
 def test_bundled_model_decodes_from_its_exact_blocks(bundled):
     """Every linear layer of the bundled model holds exactly the GGUF's Q4_1 / Q8_0 blocks, so `serve` and `chat`
     decode from them; the greedy answer is the fp32 one."""

@@ -1,7 +1,7 @@
 """Turn template pieces into token ids and labels, and apply the truncation policy.
 
-Pieces are tokenized one at a time (`add_special_tokens=False`), the way the prompt is tokenized at chat
-time: the generation prompt ends a piece, so the model is trained on exactly the token boundaries it sees
+Pieces are tokenized each on its own (`add_special_tokens=False`; a dataset's distinct piece texts in one batch
+call), the way the prompt is tokenized at chat time: the generation prompt ends a piece, so the model is trained on exactly the token boundaries it sees
 when it generates. Labels are the token ids of trainable pieces and -100 elsewhere. Labels never depend on
 the pad token (masking `labels == pad_id` would erase the stop token when pad == eos).
 
@@ -67,14 +67,29 @@ def special_token_id(tokenizer, name: str) -> int:
     return tid
 
 
-def encode_pieces(pieces: list[Piece], tokenizer) -> tuple[list[int], list[int]]:
+def tokenize_texts(texts, tokenizer) -> dict[str, list[int]]:
+    """Token ids of each distinct text, from one batch call of the tokenizer (the same ids as one call per text:
+    each text is still tokenized on its own, without special tokens). A dataset's pieces repeat (role headers,
+    the system prompt) and a fast tokenizer's batch call skips the per-call Python work: on the bundled model's
+    tokenizer, 999 alpaca records' 3,092 pieces took 0.7 s one call at a time."""
+    unique = list(dict.fromkeys(t for t in texts if t))
+    if not unique:
+        return {}
+    return dict(zip(unique, tokenizer(unique, add_special_tokens=False)["input_ids"]))
+
+
+def encode_pieces(pieces: list[Piece], tokenizer, known: dict[str, list[int]] | None = None
+                  ) -> tuple[list[int], list[int]]:
+    """Token ids and labels of the pieces; `known` holds texts already tokenized (`tokenize_texts`)."""
     ids: list[int] = []
     labels: list[int] = []
     for p in pieces:
         if p.special:
             toks = [special_token_id(tokenizer, p.text)]
         elif p.text:
-            toks = tokenizer(p.text, add_special_tokens=False)["input_ids"]
+            toks = known.get(p.text) if known else None
+            if toks is None:
+                toks = tokenizer(p.text, add_special_tokens=False)["input_ids"]
         else:
             continue
         ids.extend(toks)
@@ -108,13 +123,16 @@ def _fix_too_long(lengths: list[int] | None = None) -> str:
 
 
 def encode_conversation(conv: Conversation, template, tokenizer, max_length: int, truncation: str = "prompt",
-                        stats: EncodeStats | None = None) -> Encoded | None:
+                        stats: EncodeStats | None = None, pieces: list[Piece] | None = None,
+                        known: dict[str, list[int]] | None = None) -> Encoded | None:
     """Encode one training conversation and apply the truncation policy (see TRUNCATION_POLICIES). Returns None
-    for a sample that is dropped; raises DataError for an over-long sample under data.truncation=error."""
+    for a sample that is dropped; raises DataError for an over-long sample under data.truncation=error.
+    `pieces` (the template's pieces of `conv`) and `known` (tokenized texts) let encode_conversations render and
+    tokenize a whole dataset in one pass."""
     if truncation not in TRUNCATION_POLICIES:
         raise DataError([f"data.truncation={truncation}: unknown policy"],
                         f"fix: choose one of {', '.join(TRUNCATION_POLICIES)}")
-    ids, labels = encode_pieces(template.pieces(conv), tokenizer)
+    ids, labels = encode_pieces(template.pieces(conv) if pieces is None else pieces, tokenizer, known)
     stats = stats if stats is not None else EncodeStats()
     stats.samples += 1
     stats.lengths.append(len(ids))
@@ -150,12 +168,15 @@ def encode_conversations(conversations: list[Conversation], template, tokenizer,
     """Encode many conversations (dropped ones left out). Under data.truncation=error every over-long sample is
     reported at once, with the data.max_length that would keep them."""
     stats = stats if stats is not None else EncodeStats()
+    rendered = [template.pieces(c) for c in conversations]
+    known = tokenize_texts((p.text for pieces in rendered for p in pieces if not p.special), tokenizer)
     if truncation != "error":
-        encoded = (encode_conversation(c, template, tokenizer, max_length, truncation, stats) for c in conversations)
+        encoded = (encode_conversation(c, template, tokenizer, max_length, truncation, stats, pieces, known)
+                   for c, pieces in zip(conversations, rendered))
         return [e for e in encoded if e is not None]
     out, problems, first = [], [], len(stats.lengths)
-    for conv in conversations:
-        e = encode_conversation(conv, template, tokenizer, 10**12, "right", stats)
+    for conv, pieces in zip(conversations, rendered):
+        e = encode_conversation(conv, template, tokenizer, 10**12, "right", stats, pieces, known)
         if len(e.input_ids) > max_length:
             stats.truncated += 1
             problems.append(too_long_problem(conv.source, len(e.input_ids), max_length))
