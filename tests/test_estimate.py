@@ -103,7 +103,8 @@ def test_zero3_offload_keeps_frozen_weights_off_the_gpu():
 
 def test_lora_dropout_activations_come_from_the_adapted_layers():
     """The method's hook counts, per token and layer, a mask and a dropped-out input for each adapted layer."""
-    base = ["model=glm-4-9b-chat", "data.max_length=1024", "train.batch_size=1", "lora.target=[q_proj,k_proj,v_proj]"]
+    base = ["model=glm-4-9b-chat", "data.max_length=1024", "train.batch_size=1", "lora.target=[q_proj,k_proj,v_proj]",
+            "train.compile=false"]
     no_dropout = est(*base, "lora.dropout=0", gpus=1)
     dropout = est(*base, "lora.dropout=0.1", gpus=1)
     own_masks = est(*base, "lora.dropout=0.1", "lora.fuse=false", gpus=1)
@@ -113,6 +114,17 @@ def test_lora_dropout_activations_come_from_the_adapted_layers():
     # lora.fuse (the default): q, k and v read one input and share one mask
     assert dropout.terms["activations"] - no_dropout.terms["activations"] == extra // 3
     assert est(*base, "method=prefix", gpus=1).terms["activations"] == no_dropout.terms["activations"]
+    # train.compile=auto (the default) compiles a GPU run of 200 steps or more, or one given in epochs, and a
+    # compiled run keeps peft's calls: one mask per adapter. A shorter run is not compiled and shares them.
+    auto = [b for b in base if not b.startswith("train.compile")]
+    for steps, masks in (("train.max_steps=500", extra), ("train.max_steps=0", extra), ("train.max_steps=100", extra // 3)):
+        with_dropout = est(*auto, "lora.dropout=0.1", steps, gpus=1).terms["activations"]
+        assert with_dropout - est(*auto, "lora.dropout=0", steps, gpus=1).terms["activations"] == masks, steps
+    # on CPU train.compile=auto never compiles
+    from chattune.estimate import _this_device
+
+    assert _this_device() != "cpu" or est(*auto, "lora.dropout=0.1").terms["activations"] - est(*auto, "lora.dropout=0").terms["activations"] \
+        == extra // 3 * 2  # fp32 activations on CPU
 
 
 def test_lora_layers_keep_activations_from_the_lowest_adapted_layer_up():

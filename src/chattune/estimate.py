@@ -216,7 +216,7 @@ def estimate(cfg, gpus: int | None = None, gpu_memory: int | None = None, log=pr
                             notes)
 
     tokens = t.batch_size * cfg.data.max_length
-    per_token_layer = _activation_bytes_per_token_layer(d, model, cfg, method, act_bytes)
+    per_token_layer = _activation_bytes_per_token_layer(d, model, cfg, method, act_bytes, _compiles(cfg, device))
     without = tokens * backward_layers * per_token_layer
     with_ckpt = tokens * backward_layers * d["hidden"] * act_bytes + tokens * per_token_layer * min(1, backward_layers)
     terms["activations" + (" (gradient checkpointing)" if t.gradient_checkpointing else "")] = \
@@ -252,7 +252,21 @@ def _this_device() -> str:
     return device_type()
 
 
-def _activation_bytes_per_token_layer(d: dict, model, cfg, method, act_bytes: int) -> float:
+def _compiles(cfg, device: str) -> bool:
+    """Whether training would compile the decoder layers (train.compile=auto does on CUDA for runs of enough
+    steps; a run given in epochs counts as long enough, as its step count depends on the data)."""
+    from chattune.errors import ChattuneError
+    from chattune.train.compile import should_compile
+
+    t = cfg.train
+    try:
+        return should_compile(t.compile, device, t.max_steps if t.max_steps > 0 else None,
+                              bool(t.deepspeed or t.fsdp))[0]
+    except ChattuneError:  # a combination training refuses: count what the setting asks for
+        return t.compile is True
+
+
+def _activation_bytes_per_token_layer(d: dict, model, cfg, method, act_bytes: int, compiled: bool = False) -> float:
     """Bytes one decoder layer keeps per token for the backward pass (Llama-style block): the two norm inputs in
     fp32 (transformers' RMSNorm/LayerNorm compute in fp32), q/k/v, rotated q/k, the attention output, and in the
     gated MLP gate, up, act(gate) and their product. Adapter methods keep the same (input gradients must flow
@@ -260,7 +274,7 @@ def _activation_bytes_per_token_layer(d: dict, model, cfg, method, act_bytes: in
     with dropout keeps each adapted layer's mask and dropped-out input)."""
     h, kv, q, i = d["hidden"], d["kv"], d["q"], d["inter"]
     elems = (q + 2 * kv) + (q + kv) + q + 4 * i
-    return 2 * h * 4 + (elems + method.extra_activations(model, cfg)) * act_bytes
+    return 2 * h * 4 + (elems + method.extra_activations(model, cfg, compiled=compiled)) * act_bytes
 
 
 def _layers_with_backward(model) -> int:

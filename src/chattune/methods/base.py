@@ -32,7 +32,8 @@ class Method:
     - `base_weight_bits(cfg)`: bits per stored base weight when the method quantizes it (None: the load dtype's);
     - `extra_activations(model, cfg)`: elements per token and decoder layer the method's own modules keep for the
       backward pass on top of the base layer's (LoRA's dropout: mask and dropped-out input of each adapted layer);
-      `model` is the method-applied model (on the meta device in `chattune estimate`).
+      `model` is the method-applied model (on the meta device in `chattune estimate`); `compiled=True` when the
+      run would compile its layers (train.compile), which can change what the method's modules keep;
     The last two are the memory terms `chattune estimate` reads from the method.
     - `speed_up(model, cfg, distributed_engine=, compiled=)`: the method's own changes to how its modules run in
       training, applied after `apply` and chattune's other CPU changes (LoRA: shared down-projections); returns a
@@ -67,7 +68,7 @@ class Method:
     def base_weight_bits(self, cfg: Any) -> int | None:
         return None
 
-    def extra_activations(self, model: Any, cfg: Any) -> int:
+    def extra_activations(self, model: Any, cfg: Any, compiled: bool = False) -> int:
         return 0
 
     def speed_up(self, model: Any, cfg: Any, *, distributed_engine: bool, compiled: bool) -> str | None:

@@ -136,11 +136,12 @@ class LoRA(Method):
             return f"lora.fuse: off ({why})"
         return f"lora.fuse: {shared_lora.install(model)} adapted layers share a down-projection ({why})"
 
-    def extra_activations(self, model, cfg) -> int:
+    def extra_activations(self, model, cfg, compiled: bool = False) -> int:
         """Each adapted layer's own dropout keeps its mask and its dropped-out input (in_features elements each,
         per token) for backward; with dropout 0 peft uses Identity and the adapter shares the layer's saved input.
         With lora.fuse on, adapters that read one input share one mask (train/shared_lora.py). Counted on one
-        adapted decoder layer of the peft model (they are alike; with lora.layers the first adapted one)."""
+        adapted decoder layer of the peft model (they are alike; with lora.layers the first adapted one).
+        `compiled`: the run compiles its layers (train.compile), which keeps peft's own calls and masks."""
         import torch
 
         from chattune.methods.freeze import decoder_layers
@@ -151,7 +152,7 @@ class LoRA(Method):
         _, layers = decoder_layers(model)
         layer = next((m for m in layers if any(hasattr(x, "lora_dropout") for x in m.modules())), layers[0])
         engine = bool(cfg.train.deepspeed or cfg.train.fsdp)
-        if shared_lora.should_fuse(cfg.lora.fuse, cfg.lora.dropout, engine, cfg.train.compile is True)[0]:
+        if shared_lora.should_fuse(cfg.lora.fuse, cfg.lora.dropout, engine, compiled)[0]:
             return sum(2 * width for width in shared_lora.masks_kept(layer))
         return sum(2 * module.in_features for module in layer.modules()
                    if hasattr(module, "lora_dropout") and hasattr(module, "in_features")
