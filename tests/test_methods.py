@@ -364,6 +364,14 @@ def test_lora_layers_out_of_range_fail_before_loading(tiny, tmp_path, layers, ma
     assert _nothing_written(out)
 
 
+@pytest.mark.parametrize("value", ["abc", "true", "[1, x]", "1.5"])
+def test_lora_layers_of_the_wrong_type_are_refused_with_the_forms_it_takes(value):
+    from chattune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"lora.layers.*give all, N \(the last N decoder layers\) or a list"):
+        load_config(None, ["method=lora", f"lora.layers={value}"])
+
+
 def test_lora_on_the_last_layer_runs_no_backward_below_it(trained):
     """Adapters only in layer 1: layer 0's output needs no gradient, so autograd records nothing below layer 1
     (the speed and memory lora.layers buys), and layer 0's weights are untouched by training."""

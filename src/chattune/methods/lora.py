@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal, Union
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from chattune.errors import MethodError
 from chattune.methods.base import Method, Section
@@ -22,6 +22,16 @@ class LoraConfig(Section):
     layers: Union[Literal["all"], int, list[int]] = Field(
         "all", description="decoder layers that get adapters: all, N (the last N) or a list of indices (0 = the "
         "first); no gradient flows below the lowest one, so fewer layers train faster")
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _layers(cls, v):
+        ok = v == "all" or (isinstance(v, int) and not isinstance(v, bool)) or (
+            isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v))
+        if not ok:
+            raise ValueError("give all, N (the last N decoder layers) or a list of layer indices, e.g. [0, 1, 2]")
+        return v
+
     fuse: Union[bool, Literal["auto"]] = Field(
         "auto", description="adapters that read the same input (q/k/v, gate/up) share one down-projection and "
         "dropout mask: auto/true (where the run allows it), false (peft's own calls, one mask per adapter)")
