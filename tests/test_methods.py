@@ -375,7 +375,9 @@ def test_lora_layers_of_the_wrong_type_are_refused_with_the_forms_it_takes(value
 def test_lora_on_the_last_layer_runs_no_backward_below_it(trained):
     """Adapters only in layer 1: layer 0's output needs no gradient, so autograd records nothing below layer 1
     (the speed and memory lora.layers buys), and layer 0's weights are untouched by training."""
-    _, _, net, _ = trained("lora_last_layer")
+    _, _, net, logs = trained("lora_last_layer")
+    assert any(m.endswith("; backward stops at decoder layer 1 (layer 0 runs forward only)") for m in logs), logs
+    assert not any("backward stops" in m for m in trained("lora")[3])
     layers = net.base_model.model.model.layers
     assert not any("lora" in n for n, _ in layers[0].named_parameters())
     seen = {}

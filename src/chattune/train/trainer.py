@@ -81,6 +81,23 @@ def encode_file(path: str, cfg: RunConfig, tokenizer, template, split: str, stat
     return [{"input_ids": e.input_ids, "labels": e.labels, "source": e.source} for e in encoded]
 
 
+def _backward_reach(model) -> str:
+    """For the log: where the backward pass starts when the lowest decoder layers train nothing (lora.layers,
+    freeze.trainable_layers), else nothing."""
+    from chattune.errors import MethodError
+    from chattune.methods.freeze import decoder_layers
+
+    try:
+        _, layers = decoder_layers(model)
+    except MethodError:
+        return ""
+    first = next((i for i, layer in enumerate(layers) if any(p.requires_grad for p in layer.parameters())), 0)
+    if not first:
+        return ""
+    below = "layer 0 runs" if first == 1 else f"layers 0-{first - 1} run"
+    return f"; backward stops at decoder layer {first} ({below} forward only)"
+
+
 def prepare_data(cfg: RunConfig, tokenizer, template, log=print) -> PreparedData:
     """Read, validate and encode the training (and eval) data; over-long samples are reported loudly when more
     than 5% lose something (with the data.max_length that would keep 95% whole)."""
@@ -506,7 +523,8 @@ def prepare(cfg: RunConfig, log=print, options: TrainOptions | None = None) -> P
     if compiled:
         log(f"compile: {compile_layers(model)} decoder layers ({why_compile}; the first steps include compiling)")
     trainable, total = count_parameters(model)
-    log(f"method: {cfg.method}, trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)")
+    log(f"method: {cfg.method}, trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)"
+        + _backward_reach(model))
     log(f"packing: {'on' if packing else 'off'}, label-only logits: {'on' if cfg.train.label_only_logits else 'off'}")
 
     eval_samples = []
