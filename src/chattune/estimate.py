@@ -270,8 +270,8 @@ def _activation_bytes_per_token_layer(d: dict, model, cfg, method, act_bytes: in
     """Bytes one decoder layer keeps per token for the backward pass (Llama-style block): the two norm inputs in
     fp32 (transformers' RMSNorm/LayerNorm compute in fp32), q/k/v, rotated q/k, the attention output, and in the
     gated MLP gate, up, act(gate) and their product. Adapter methods keep the same (input gradients must flow
-    through the frozen layers above the lowest adapted one); the method adds what its own modules keep (`Method.extra_activations`: LoRA
-    with dropout keeps each adapted layer's mask and dropped-out input)."""
+    through the frozen layers above the lowest adapted one); the method adds what its own modules keep
+    (`Method.extra_activations`: LoRA with dropout keeps each adapted layer's mask and dropped-out input)."""
     h, kv, q, i = d["hidden"], d["kv"], d["q"], d["inter"]
     elems = (q + 2 * kv) + (q + kv) + q + 4 * i
     return 2 * h * 4 + (elems + method.extra_activations(model, cfg, compiled=compiled)) * act_bytes
