@@ -477,6 +477,23 @@ def test_bench_smoke(tiny_run, tmp_path, capsys):
     assert report["machine"]["matmul_gflops"]["fp32"] > 0
 
 
+def test_bench_top_half_recipe_trains_half_the_layers(tiny_run, tmp_path):
+    """recipes=chattune,top_half: the same samples and steps, adapters only in the top half of the layers
+    (lora.layers=1 of the tiny model's 2): half the trainable parameters, and its own held-out loss."""
+    from chattune import bench
+
+    root, model, data = tiny_run
+    out = tmp_path / "bench.json"
+    rc = bench.main([f"model={model}", f"data={data}", "samples=8", "eval_samples=4", "steps=2", "max_length=128",
+                     "recipes=chattune,top_half", f"out={out}"], log=lambda m: None)
+    assert rc == 0
+    report = json.loads(out.read_text())
+    full, half = report["recipes"]["chattune"], report["recipes"]["top_half"]
+    assert half["trainable_params"] * 2 == full["trainable_params"]
+    assert half["real_tokens"] == full["real_tokens"] and half["heldout_tokens"] == full["heldout_tokens"]
+    assert half["heldout_loss"] is not None
+
+
 def test_bench_rounds_alternate_the_order_and_report_the_means(tiny_run, tmp_path):
     """rounds=3 runs dynamic, chattune / chattune, dynamic / dynamic, chattune; each recipe's timed figures are
     the means of its rounds, its losses the same in every round."""

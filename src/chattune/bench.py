@@ -11,6 +11,9 @@ Recipes (everything else is identical: config defaults, LoRA r on all linear lay
 - compiled: chattune's defaults plus train.compile=true (only when asked for: recipes=chattune,compiled);
 - unfused:  chattune's defaults with lora.fuse=false (peft's own adapter calls, one dropout mask per adapter;
             only when asked for: recipes=chattune,unfused).
+- top_half: chattune's defaults with adapters in the top half of the decoder layers only (lora.layers=N/2: no
+            backward below them). Not the same training (half the adapters): read its held-out loss beside its
+            speed. Only when asked for: recipes=chattune,top_half.
 
 Fairness:
 - every recipe trains on the first `samples` records, in one fixed shuffled order, `batch_size` per step, so step k
@@ -77,6 +80,14 @@ RECIPES: dict[str, dict] = {
     "compiled": {  # not in the default recipes: opt in with recipes=chattune,compiled
         "about": "chattune defaults + train.compile=true (compile time counted in the whole-process figure)",
         "overrides": ["train.compile=true"],
+        "pad_to_max_length": False,
+        "baseline": False,
+    },
+    "top_half": {  # not in the default recipes: opt in with recipes=chattune,top_half
+        "about": "chattune defaults with adapters in the top half of the decoder layers only (lora.layers: no "
+                 "backward below them; fewer adapters, so compare the held-out loss too)",
+        "overrides": [],
+        "layer_share": 0.5,
         "pad_to_max_length": False,
         "baseline": False,
     },
@@ -302,7 +313,16 @@ def recipe_config(spec: BenchSpec, recipe: str, data_file: Path, output_dir: Pat
                  f"train.seed={spec.seed}", f"output_dir={output_dir}", "overwrite=true"]
     if spec.threads:
         overrides.append(f"train.num_threads={spec.threads}")
-    return load_config(None, overrides + RECIPES[recipe]["overrides"])
+    extra = list(RECIPES[recipe]["overrides"])
+    if "layer_share" in RECIPES[recipe]:
+        from chattune.methods.freeze import _configured_layers
+
+        n_layers = _configured_layers(spec.model)
+        if n_layers is None:
+            raise ChattuneError(f"bench: recipe `{recipe}` needs the model's layer count, which {spec.model}'s "
+                                "config.json does not give; leave the recipe out")
+        extra.append(f"lora.layers={max(1, round(n_layers * RECIPES[recipe]['layer_share']))}")
+    return load_config(None, overrides + extra)
 
 
 def heldout_loss(cfg, adapter_dir: Path, eval_file: Path) -> tuple[float, int]:
