@@ -492,6 +492,14 @@ def test_bench_top_half_recipe_trains_half_the_layers(tiny_run, tmp_path):
     assert half["trainable_params"] * 2 == full["trainable_params"]
     assert half["real_tokens"] == full["real_tokens"] and half["heldout_tokens"] == full["heldout_tokens"]
     assert half["heldout_loss"] is not None
+    # layer 0 only runs forward in top_half: 2 FLOPs per token for its parameters instead of 4
+    from transformers import AutoModelForCausalLM
+
+    layer0 = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model).model.layers[0].parameters())
+    assert (full["forward_only_params"], half["forward_only_params"]) == (0, layer0)
+    for r, below in ((full, 0), (half, layer0)):
+        frozen = r["total_params"] - r["trainable_params"]
+        assert r["flops_per_token"] == 4 * frozen + 6 * r["trainable_params"] - 2 * below
 
 
 def test_bench_rounds_alternate_the_order_and_report_the_means(tiny_run, tmp_path):

@@ -33,7 +33,8 @@ Fairness:
   (ABBA...), and reports each recipe's mean over its rounds, with every round's figures and position in the JSON;
   the held-out loss (deterministic) is scored in the first round only;
 - MFU-style share: model FLOPs per real token (4 per frozen parameter: forward 2 + input gradient 2; 6 per trainable
-  parameter, which also gets a weight gradient) x real tokens/s, divided by the matmul throughput measured here for
+  parameter, which also gets a weight gradient; 2 per parameter of the layers below the lowest trained one, which
+  the backward pass never reaches) x real tokens/s, divided by the matmul throughput measured here for
   the recipe's precision. Attention-score FLOPs are left out (a few % at these lengths). See docs/benchmarks.md.
 """
 
@@ -378,7 +379,8 @@ def run_recipe(spec: BenchSpec, recipe: str, data_file: Path, n_samples: int, wo
     run = json.loads((Path(result.output_dir) / "run.json").read_text())
     summary = summarize(recipe, spec, steps, recorder.seconds, recorder.peak_mb(), recorder.rss_start_mb,
                         result.trainable_params, result.total_params, run.get("precision", "fp32"),
-                        bool(run.get("packing")), cfg.train.label_only_logits, pad_to, load_before)
+                        bool(run.get("packing")), cfg.train.label_only_logits, pad_to, load_before,
+                        forward_only=forward_only_params(result.run.model))
     summary["startup_seconds"] = summary["process_seconds"] = None
     if spawned_at is not None:
         summary["process_seconds"] = round(trained_at - spawned_at, 2)
@@ -392,9 +394,28 @@ def run_recipe(spec: BenchSpec, recipe: str, data_file: Path, n_samples: int, wo
     return summary
 
 
+def forward_only_params(model) -> int:
+    """Parameters of the decoder layers below the lowest one that trains (lora.layers, Freeze): the backward pass
+    never reaches them, so they cost 2 FLOPs per token (forward), not 4. 0 when every layer is reached (also when
+    no layer holds a trainable parameter, e.g. a prefix, whose gradients flow through all of them)."""
+    from chattune.errors import MethodError
+    from chattune.methods.freeze import decoder_layers
+
+    try:
+        _, layers = decoder_layers(model)
+    except MethodError:
+        return 0
+    below = 0
+    for layer in layers:
+        if any(p.requires_grad for p in layer.parameters()):
+            return below
+        below += sum(p.numel() for p in layer.parameters())
+    return 0
+
+
 def summarize(recipe: str, spec: BenchSpec, steps: list[dict], seconds: list[float], peak_mb: float,
               start_mb: float | None, trainable: int, total: int, precision: str, packing: bool,
-              label_only: bool, pad_to: int | None, load_before: float | None = None) -> dict:
+              label_only: bool, pad_to: int | None, load_before: float | None = None, forward_only: int = 0) -> dict:
     n = min(len(steps), len(seconds))
     steps, seconds = steps[:n], seconds[:n]
     timed = slice(1, n) if n > 1 else slice(0, n)  # the first step is warm-up
@@ -403,7 +424,7 @@ def summarize(recipe: str, spec: BenchSpec, steps: list[dict], seconds: list[flo
     tail = steps[-min(spec.last, n):] if n else []
     tail_trained = sum(s["trained_tokens"] for s in tail)
     final_loss = (sum(s["loss"] * s["trained_tokens"] for s in tail) / tail_trained) if tail_trained else None
-    flops_per_token = 4 * (total - trainable) + 6 * trainable
+    flops_per_token = 4 * (total - trainable) + 6 * trainable - 2 * forward_only
     tokens_per_s = timed_tokens / timed_seconds if timed_seconds else 0.0
     return {
         "recipe": recipe,
@@ -427,6 +448,7 @@ def summarize(recipe: str, spec: BenchSpec, steps: list[dict], seconds: list[flo
         "trainable_params": trainable,
         "total_params": total,
         "flops_per_token": flops_per_token,
+        "forward_only_params": forward_only,
         "achieved_gflops": round(tokens_per_s * flops_per_token / 1e9, 2),
         "loadavg_before": round(load_before, 2) if load_before is not None else None,
         "loadavg_after": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
