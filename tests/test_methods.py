@@ -333,35 +333,25 @@ def test_impossible_combinations_fail_before_loading(tmp_path, overrides, match)
     assert _nothing_written(out)
 
 
-@pytest.mark.parametrize("layers,match", [("[0, 2]", r"index 2 out of range.*valid indices are 0 to 1"),
-                                          ("3", r"only 2 decoder layers \(valid: 0 to 2\)")])
-def test_freeze_layer_out_of_range_fails_before_loading(tiny, tmp_path, layers, match):
+@pytest.mark.parametrize("key,layers,match", [
+    ("freeze.trainable_layers", "[0, 2]", r"index 2 out of range.*valid indices are 0 to 1"),
+    ("freeze.trainable_layers", "3", r"only 2 decoder layers \(valid: 0 to 2\)"),
+    ("lora.layers", "[0, 2]", r"lora.layers: layer index 2 out of range"),
+    ("lora.layers", "3", r"lora.layers=3: this model has only 2 decoder layers"),
+    ("lora.layers", "0", r"lora.layers=0: give N >= 1")])
+def test_layer_selection_out_of_range_fails_before_loading(tiny, tmp_path, key, layers, match):
     _, model, data = tiny
     out = tmp_path / "out"
-    cfg = load_config(None, [f"model={model}", f"data.train={data}", f"output_dir={out}", "method=freeze",
-                             f"freeze.trainable_layers={layers}"])
+    method = key.split(".")[0]
+    cfg = load_config(None, [f"model={model}", f"data.train={data}", f"output_dir={out}", f"method={method}",
+                             f"{key}={layers}"])
     with pytest.raises(MethodError, match=match):
         train(cfg, log=lambda m: None)
     assert _nothing_written(out)
     # the same check guards apply() for models whose config does not say how many layers they have
-    from chattune.methods import freeze
-
     net = load_tuned(model=str(model)).model
     with pytest.raises(MethodError, match=match):
-        freeze.METHOD.apply(net, cfg)
-
-
-@pytest.mark.parametrize("layers,match", [("[0, 2]", r"lora.layers: layer index 2 out of range"),
-                                          ("3", r"lora.layers=3: this model has only 2 decoder layers"),
-                                          ("0", r"lora.layers=0: give N >= 1")])
-def test_lora_layers_out_of_range_fail_before_loading(tiny, tmp_path, layers, match):
-    _, model, data = tiny
-    out = tmp_path / "out"
-    cfg = load_config(None, [f"model={model}", f"data.train={data}", f"output_dir={out}", "method=lora",
-                             f"lora.layers={layers}"])
-    with pytest.raises(MethodError, match=match):
-        train(cfg, log=lambda m: None)
-    assert _nothing_written(out)
+        methods.get_method(method).apply(net, cfg)
 
 
 @pytest.mark.parametrize("value", ["abc", "true", "[1, x]", "1.5"])

@@ -399,18 +399,14 @@ def forward_only_params(model) -> int:
     never reaches them, so they cost 2 FLOPs per token (forward), not 4. 0 when every layer is reached (also when
     no layer holds a trainable parameter, e.g. a prefix, whose gradients flow through all of them)."""
     from chattune.errors import MethodError
-    from chattune.methods.freeze import decoder_layers
+    from chattune.methods.freeze import decoder_layers, lowest_trained_layer
 
     try:
         _, layers = decoder_layers(model)
     except MethodError:
         return 0
-    below = 0
-    for layer in layers:
-        if any(p.requires_grad for p in layer.parameters()):
-            return below
-        below += sum(p.numel() for p in layer.parameters())
-    return 0
+    first = lowest_trained_layer(layers)
+    return sum(p.numel() for layer in layers[:first or 0] for p in layer.parameters())
 
 
 def summarize(recipe: str, spec: BenchSpec, steps: list[dict], seconds: list[float], peak_mb: float,

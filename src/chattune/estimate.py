@@ -281,13 +281,11 @@ def _layers_with_backward(model) -> int:
     """Decoder layers the backward pass goes through: from the first one holding a trainable parameter to the
     last (Freeze of the last N layers and LoRA with lora.layers=N need no activations below them; 0 when no layer
     holds one)."""
-    from chattune.methods.freeze import decoder_layers
+    from chattune.methods.freeze import decoder_layers, lowest_trained_layer
 
     _, layers = decoder_layers(model)
-    for index, layer in enumerate(layers):
-        if any(p.requires_grad for p in layer.parameters()):
-            return len(layers) - index
-    return 0
+    first = lowest_trained_layer(layers)
+    return 0 if first is None else len(layers) - first
 
 
 def _logits_bytes(tokens: int, vocab: int, label_only: bool, act_bytes: int) -> float:

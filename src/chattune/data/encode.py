@@ -1,9 +1,10 @@
 """Turn template pieces into token ids and labels, and apply the truncation policy.
 
 Pieces are tokenized each on its own (`add_special_tokens=False`; a dataset's distinct piece texts in one batch
-call), the way the prompt is tokenized at chat time: the generation prompt ends a piece, so the model is trained on exactly the token boundaries it sees
-when it generates. Labels are the token ids of trainable pieces and -100 elsewhere. Labels never depend on
-the pad token (masking `labels == pad_id` would erase the stop token when pad == eos).
+call), the way the prompt is tokenized at chat time: the generation prompt ends a piece, so the model is trained
+on exactly the token boundaries it sees when it generates. Labels are the token ids of trainable pieces and -100
+elsewhere. Labels never depend on the pad token (masking `labels == pad_id` would erase the stop token when
+pad == eos).
 
 Over-long samples (`data.max_length`) follow `data.truncation`:
 - `prompt` (default): cut the prompt side first (oldest exchanges, then the start of the longest prompt text), so

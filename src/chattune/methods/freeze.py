@@ -69,6 +69,12 @@ def decoder_layers(model):
     return best[0], best[1]
 
 
+def lowest_trained_layer(layers) -> int | None:
+    """Index of the lowest decoder layer holding a trainable parameter (None: none does). The backward pass starts
+    there: the layers below it run forward only (Freeze of the last N layers, lora.layers)."""
+    return next((i for i, layer in enumerate(layers) if any(p.requires_grad for p in layer.parameters())), None)
+
+
 def layer_indices(trainable_layers, n_layers: int, key: str = "freeze.trainable_layers") -> list[int]:
     """The layer indices `key` (N last layers, or a list of indices) selects, checked against the model's layer
     count."""

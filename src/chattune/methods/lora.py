@@ -67,7 +67,7 @@ def resolve_targets(model, target, layers="all") -> list[str]:
     if target == "all":
         if not names:
             raise MethodError("lora.target=all found no linear layers in this model")
-        wanted = None
+        matching = names
     else:
         wanted = [t.strip() for t in (target.split(",") if isinstance(target, str) else target) if t.strip()]
         leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
@@ -77,12 +77,10 @@ def resolve_targets(model, target, layers="all") -> list[str]:
                               f"its linear layers are: {', '.join(leaves)} (or use lora.target=all)")
         if layers == "all":
             return wanted
+        matching = [n for n in names if any(n == t or n.endswith("." + t) for t in wanted)]
     if layers == "all":
-        return names
-    if layers in (0, []):
-        raise MethodError("lora.layers selects no decoder layer; give N >= 1 (the last N layers), a list of "
-                          "indices, or lora.layers=all")
-    matching = names if wanted is None else [n for n in names if any(n == t or n.endswith("." + t) for t in wanted)]
+        return matching
+    _refuse_no_layer(layers)
     chosen = _in_layers(model, matching, layers)
     if not chosen:
         raise MethodError(f"lora.layers={layers}: none of the lora.target layers is inside those decoder layers; "
@@ -97,6 +95,13 @@ def lora_config(model, cfg):
                           target_modules=resolve_targets(model, cfg.lora.target, cfg.lora.layers), task_type="CAUSAL_LM")
 
 
+def _refuse_no_layer(layers) -> None:
+    """`lora.layers` of 0, a negative N or [] selects no decoder layer (before loading and on the loaded model)."""
+    if isinstance(layers, int) and layers < 1 or layers == []:
+        raise MethodError(f"lora.layers={layers}: give N >= 1 (the last N decoder layers), a list of indices, "
+                          "or lora.layers=all")
+
+
 def check_layers(cfg) -> None:
     """`lora.layers` checked before the model loads, where the folder's config.json gives the layer count
     (resolve_targets checks again on the loaded model)."""
@@ -105,9 +110,7 @@ def check_layers(cfg) -> None:
     layers = cfg.lora.layers
     if layers == "all":
         return
-    if isinstance(layers, int) and layers < 1 or layers == []:
-        raise MethodError(f"lora.layers={layers}: give N >= 1 (the last N decoder layers), a list of indices, "
-                          "or lora.layers=all")
+    _refuse_no_layer(layers)
     n_layers = _configured_layers(cfg.model.path)
     if n_layers is not None:
         layer_indices(layers, n_layers, key="lora.layers")

@@ -85,14 +85,14 @@ def _backward_reach(model) -> str:
     """For the log: where the backward pass starts when the lowest decoder layers train nothing (lora.layers,
     freeze.trainable_layers), else nothing."""
     from chattune.errors import MethodError
-    from chattune.methods.freeze import decoder_layers
+    from chattune.methods.freeze import decoder_layers, lowest_trained_layer
 
     try:
         _, layers = decoder_layers(model)
     except MethodError:
         return ""
-    first = next((i for i, layer in enumerate(layers) if any(p.requires_grad for p in layer.parameters())), 0)
-    if not first:
+    first = lowest_trained_layer(layers)
+    if not first:  # None (no layer trains) or 0 (every layer is reached)
         return ""
     below = "layer 0 runs" if first == 1 else f"layers 0-{first - 1} run"
     return f"; backward stops at decoder layer {first} ({below} forward only)"
