@@ -78,7 +78,7 @@ def test_resume_path_refuses_a_half_written_checkpoint(tiny, tmp_path):
 
 def test_resumed_run_keeps_its_recorded_precision(tiny, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    monkeypatch.setattr(hardware, "cpu_bf16_instructions", lambda: None)
+    monkeypatch.setenv("CHATTUNE_CPU_KIND", "other")  # a CPU without x86 bf16 flags, where the timed probe decides
     monkeypatch.setattr(hardware, "cpu_bf16_speedup", lambda: 5.0)  # a quiet machine with fast bf16
     logs: list[str] = []
     run(tiny, out, "train.max_steps=4", "train.save_steps=2", "train.stop_after=2", log=logs.append)
@@ -90,12 +90,6 @@ def test_resumed_run_keeps_its_recorded_precision(tiny, tmp_path, monkeypatch):
     assert "precision: bf16 (recorded by the run being resumed)" in logs
     assert result.run.precision == "bf16"
     assert json.loads((out / "run.json").read_text())["precision"] == "bf16"
-
-
-def test_precision_probe_prefers_the_cpu_instructions(monkeypatch):
-    monkeypatch.setattr(hardware, "cpu_bf16_instructions", lambda: "amx_bf16")
-    monkeypatch.setattr(hardware, "cpu_bf16_speedup", lambda: pytest.fail("no probe where the CPU says bf16"))
-    assert hardware.choose_precision("auto", "cpu") == ("bf16", "the CPU has AMX-BF16 instructions")
 
 
 def test_step_accounting_follows_trainer_steps_with_a_short_last_step(tiny, tmp_path):
@@ -213,10 +207,17 @@ def test_plain_install_runs_from_any_directory(tiny, tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist),
                     str(repo)], check=True, timeout=600)
     wheel = next(dist.glob("chattune-*.whl"))
-    # the venv sees this environment's packages (torch, transformers, ...) but gets its own chattune
+    # The venv gets its own chattune and sees this environment's packages (torch, transformers, ...) through a .pth
+    # file that lists this interpreter's site-packages folders, after its own. Not `--system-site-packages`: when
+    # the tests themselves run in a venv, that would show the base interpreter's packages, not this venv's.
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     py = venv / "bin" / "python"
+    own = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                         capture_output=True, text=True, check=True, timeout=120).stdout.strip()
+    ours = [p for p in sys.path if p.endswith(("site-packages", "dist-packages")) and Path(p).is_dir()]
+    assert ours, sys.path
+    (Path(own) / "parent_environment.pth").write_text("".join(p + "\n" for p in ours))
     subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True, timeout=600)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

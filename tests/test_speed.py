@@ -6,6 +6,7 @@ Speed itself is never asserted here (timings are noisy on shared machines); the 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -17,11 +18,16 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 import tiny
 from chattune import hardware
 from chattune.config import load_config
+from chattune.errors import ConfigError
 from chattune.data.collate import PaddingCollator, make_collator
 from chattune.data.encode import IGNORE
 from chattune.methods import lora
 from chattune.train import chunked_loss, fast_dropout, packed_attention
 from chattune.train.trainer import ChattuneTrainer, FixedOrderSampler, TrainOptions, packing_is_exact
+
+# Runs once more per CPU kind (tests/test_cpu_kinds.py): its outcome depends on the precision chattune picks or
+# on the CPU's kernels.
+pytestmark = pytest.mark.cpu_kind
 
 # Samples of different lengths, prompt tokens masked with -100, one with a masked middle turn.
 LENGTHS = [(11, 4), (23, 9), (7, 2), (17, 6)]  # (length, prompt tokens)
@@ -337,18 +343,51 @@ def test_packing_is_not_exact_for_a_model_without_position_ids():
 # ---------------------------------------------------------------- (4) precision=auto
 
 
+@pytest.mark.parametrize("kind, expected, why", [
+    ("avx2", "fp32", "the CPU has no bf16 instructions (AVX2 only; CHATTUNE_CPU_KIND=avx2): bf16 would be ~100x "
+                     "slower than fp32"),
+    ("avx512_bf16", "bf16", "the CPU has AVX512-BF16 instructions (CHATTUNE_CPU_KIND=avx512_bf16)"),
+    ("amx", "bf16", "the CPU has AMX-BF16 instructions (CHATTUNE_CPU_KIND=amx)"),
+])
+def test_auto_precision_on_each_cpu_kind_without_a_probe(monkeypatch, kind, expected, why):
+    """The decision of each CPU kind this project meets, made on whatever machine runs the test: the kind is set
+    through the override users have too (CHATTUNE_CPU_KIND); none of them times a probe."""
+    monkeypatch.setenv("CHATTUNE_CPU_KIND", kind)
+    monkeypatch.setattr(hardware, "cpu_bf16_speedup", lambda: pytest.fail("the CPU's kind decides: no probe"))
+    assert hardware.choose_precision("auto", "cpu") == (expected, why)
+
+
 @pytest.mark.parametrize("speedup, expected", [(5.0, "bf16"), (1.5, "bf16"), (1.49, "fp32"), (0.007, "fp32"),
                                                (0.0, "fp32")])
-def test_auto_precision_on_cpu_follows_the_bf16_probe(monkeypatch, speedup, expected):
+def test_auto_precision_on_another_cpu_follows_the_bf16_probe(monkeypatch, speedup, expected):
+    """A CPU with no x86 bf16 flags (ARM, unknown: kind `other`) decides by the timed probe's ratio."""
+    monkeypatch.setenv("CHATTUNE_CPU_KIND", "other")
     monkeypatch.setattr(hardware, "cpu_bf16_speedup", lambda: speedup)
     assert hardware.resolve_precision("auto", "cpu") == expected
 
 
-def test_explicit_precision_on_cpu(monkeypatch):
-    monkeypatch.setattr(hardware, "cpu_bf16_speedup", lambda: pytest.fail("explicit precision must not probe"))
-    assert hardware.resolve_precision("fp32", "cpu") == "fp32"
-    assert hardware.resolve_precision("bf16", "cpu") == "bf16"
-    assert hardware.resolve_precision("fp16", "cpu") == "fp32"  # fp16 autocast on CPU is slow and unstable
+def test_cpu_kind_is_detected_from_the_flags_unless_set(monkeypatch):
+    monkeypatch.delenv("CHATTUNE_CPU_KIND", raising=False)
+    for flags, kind in [({"avx2", "avx512_bf16", "amx_bf16"}, "amx"), ({"avx2", "avx512f", "avx512_bf16"},
+                        "avx512_bf16"), ({"avx2", "avx512f"}, "avx2"), ({"asimd", "bf16"}, "other"), (set(), "other")]:
+        monkeypatch.setattr(hardware, "_cpu_flags", lambda flags=flags: flags)
+        assert hardware.cpu_kind() == (kind, "detected")
+    monkeypatch.setenv("CHATTUNE_CPU_KIND", "AVX512-BF16")  # as a user may write it
+    assert hardware.cpu_kind() == ("avx512_bf16", "CHATTUNE_CPU_KIND=avx512_bf16")
+    monkeypatch.setenv("CHATTUNE_CPU_KIND", "auto")
+    assert hardware.cpu_kind() == ("other", "detected")
+    monkeypatch.setenv("CHATTUNE_CPU_KIND", "avx9")
+    with pytest.raises(ConfigError, match="CHATTUNE_CPU_KIND='avx9' is not a CPU kind: use one of avx2, "
+                                          "avx512_bf16, amx, other"):
+        hardware.cpu_kind()
+
+
+def test_a_wrong_cpu_kind_is_one_line_from_the_cli(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "chattune", "train", "lora", f"output_dir={tmp_path / 'run'}"],
+                       capture_output=True, text=True, env={**os.environ, "CHATTUNE_CPU_KIND": "avx9"}, timeout=300,
+                       cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "CHATTUNE_CPU_KIND='avx9' is not a CPU kind" in r.stderr + r.stdout
 
 
 @pytest.mark.parametrize("bf16_ok, expected", [(True, "bf16"), (False, "fp16")])
@@ -425,7 +464,7 @@ def _trained_model(tiny_run, overrides: list[str], **train_kwargs):
 
 
 def test_recipe_uses_the_fast_kernels_and_baseline_does_not(monkeypatch, tiny_run):
-    monkeypatch.setattr(hardware, "cpu_bf16_speedup", lambda: 5.0)  # as on a CPU with fast bf16
+    monkeypatch.setenv("CHATTUNE_CPU_KIND", "avx512_bf16")  # as on a CPU with fast bf16
     fast = _trained_model(tiny_run, [])
     assert fast.get_base_model().config._attn_implementation == packed_attention.NAME
     assert any(isinstance(m, fast_dropout.FastDropout) for m in fast.modules())

@@ -194,13 +194,13 @@ def cpu_model() -> str:
 def machine_info(threads: int | None) -> dict:
     import torch
 
-    from chattune.hardware import device_type, set_cpu_threads
+    from chattune.hardware import cpu_kind, device_type, set_cpu_threads
 
     device = device_type()
     info = {"device": device, "torch": torch.__version__, "python": platform.python_version()}
     if device == "cpu":
         info.update(cpu=cpu_model(), cpu_capability=torch.backends.cpu.get_cpu_capability(),
-                    threads=set_cpu_threads(threads))
+                    cpu_kind="{} ({})".format(*cpu_kind()), threads=set_cpu_threads(threads))
     else:
         info.update(gpu=torch.cuda.get_device_name(0))
     info["matmul_gflops"] = {p: round(matmul_gflops(p), 1) for p in (("fp32", "bf16") if device == "cpu"

@@ -1,8 +1,10 @@
 """Device, precision and thread choices.
 
 `train.precision=auto` picks bf16 on CPU only where bf16 matmul is really fast: CPUs differ (one measured bf16
-at 5x fp32 speed with AMX, another, AVX2 only, at 1/140 of it). The CPU's bf16 instructions decide first (AMX-BF16
-or AVX512-BF16 in /proc/cpuinfo: bf16); without them a timed probe decides, taking the best of several short
+at 5x fp32 speed with AMX, another, AVX2 only, at 1/140 of it). The CPU's kind decides first: AMX-BF16 or
+AVX512-BF16 in /proc/cpuinfo: bf16; AVX2 without them: fp32. The environment variable CHATTUNE_CPU_KIND
+(avx2 | avx512_bf16 | amx | other) overrides the detected kind, for a misdetected CPU and for tests that decide as
+another machine would. On any other CPU (ARM, no flags) a timed probe decides, taking the best of several short
 timings of each precision so that another busy process cannot tip the choice (it slows both sides, and the best
 timing is the least disturbed one). A run decides once: the choice is recorded in its chattune.json and reused on
 resume (see train/trainer.py). On GPU: bf16 where supported, else fp16.
@@ -59,17 +61,52 @@ def keep_freed_memory() -> bool:
         return False
 
 
-def cpu_bf16_instructions() -> str | None:
-    """The CPU's native bf16 matmul instructions (`amx_bf16` or `avx512_bf16` from /proc/cpuinfo), or None."""
+CPU_KIND_VARIABLE = "CHATTUNE_CPU_KIND"
+# What each kind of CPU this project meets does with bf16 (measured, ../DESIGN.md): AMX and AVX512-BF16 run bf16
+# matmuls natively (2-5x fp32); an AVX2-only CPU emulates them (~1/100 of fp32). "other": no x86 bf16 flags
+# (ARM, an unknown CPU): a timed probe decides.
+CPU_KINDS = ("avx2", "avx512_bf16", "amx", "other")
+_KIND_LABEL = {"amx": "AMX-BF16", "avx512_bf16": "AVX512-BF16", "avx2": "AVX2 only"}
+
+
+def _cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
                 if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return next((f for f in ("amx_bf16", "avx512_bf16") if f in flags), None)
+                    return set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return None
+    return set()
+
+
+def detected_cpu_kind() -> str:
+    """The CPU's kind from its flags in /proc/cpuinfo: amx, avx512_bf16, avx2 or other."""
+    flags = _cpu_flags()
+    if "amx_bf16" in flags:
+        return "amx"
+    if "avx512_bf16" in flags:
+        return "avx512_bf16"
+    return "avx2" if "avx2" in flags else "other"
+
+
+def cpu_kind() -> tuple[str, str]:
+    """(kind, where it came from): the `CHATTUNE_CPU_KIND` environment variable where set (for a CPU that is
+    misdetected, and for tests that decide as on another machine), else what the CPU's flags say."""
+    forced = os.environ.get(CPU_KIND_VARIABLE, "").strip().lower().replace("-", "_")
+    if forced and forced != "auto":
+        if forced not in CPU_KINDS:
+            from chattune.errors import ConfigError
+
+            raise ConfigError(f"{CPU_KIND_VARIABLE}={os.environ[CPU_KIND_VARIABLE]!r} is not a CPU kind: use one of "
+                              f"{', '.join(CPU_KINDS)} (or auto, or leave it unset, to detect the CPU)")
+        return forced, f"{CPU_KIND_VARIABLE}={forced}"
+    return detected_cpu_kind(), "detected"
+
+
+def cpu_bf16_instructions() -> str | None:
+    """The CPU's native bf16 matmul instructions (`amx_bf16` or `avx512_bf16`), or None; follows CHATTUNE_CPU_KIND."""
+    return {"amx": "amx_bf16", "avx512_bf16": "avx512_bf16"}.get(cpu_kind()[0])
 
 
 @functools.lru_cache(maxsize=None)
@@ -116,9 +153,13 @@ def choose_precision(precision: str, device: str | None = None) -> tuple[str, st
         return "fp32", "fp16 autocast on CPU is slow and unstable: using fp32"
     if precision != "auto":
         return precision, "set by train.precision"
-    native = cpu_bf16_instructions()
-    if native:
-        return "bf16", f"the CPU has {native.upper().replace('_', '-')} instructions"
+    kind, source = cpu_kind()
+    said = "" if source == "detected" else f" ({source})"
+    if kind in ("amx", "avx512_bf16"):
+        return "bf16", f"the CPU has {_KIND_LABEL[kind]} instructions{said}"
+    if kind == "avx2":  # no probe: emulated bf16 measured 1/140 of fp32 on such a CPU
+        why = "AVX2 only" if source == "detected" else f"AVX2 only; {source}"
+        return "fp32", f"the CPU has no bf16 instructions ({why}): bf16 would be ~100x slower than fp32"
     speedup = cpu_bf16_speedup()
     if speedup >= 1.5:
         return "bf16", f"bf16 matmul measured {speedup:.1f}x fp32 on this CPU"
