@@ -12,6 +12,10 @@ from chattune.models.decode_step import DecodeStep, why_not
 from chattune.serve.engine import Batch, batching_is_exact, prefill, step_matches_transformers
 from tiny import VOCAB_SIZE, make_tiny_llama
 
+# Runs once more per CPU kind (tests/test_cpu_kinds.py): its outcome depends on the precision chattune picks or
+# on the CPU's kernels.
+pytestmark = pytest.mark.cpu_kind
+
 SMALL = dict(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
 PROMPTS = [[5, 9, 13, 17, 21, 25, 29, 33, 37], [7, 11, 40]]

@@ -11,8 +11,9 @@ from chattune.models import packed
 from chattune.models.packed import Packed, enable, pack_model, pack_q4, pack_q8, packed_linear
 from tiny import exact_tiny, make_tiny_llama, q4_exact, q8_exact
 
-pytestmark = pytest.mark.skipif(packed.why_unavailable() is not None,
-                                reason=f"packed kernel unavailable here: {packed.why_unavailable()}")
+# cpu_kind: runs once more per CPU kind (tests/test_cpu_kinds.py), the C kernel being the CPU's own
+pytestmark = [pytest.mark.cpu_kind, pytest.mark.skipif(
+    packed.why_unavailable() is not None, reason=f"packed kernel unavailable here: {packed.why_unavailable()}")]
 
 
 def test_pack_finds_exact_blocks_and_refuses_anything_else():

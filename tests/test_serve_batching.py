@@ -15,6 +15,10 @@ from chattune.serve.engine import Batch, Sampling, batching_is_exact, prefill
 from serve_helpers import running
 from tiny import make_tiny_llama
 
+# Runs once more per CPU kind (tests/test_cpu_kinds.py): its outcome depends on the precision chattune picks or
+# on the CPU's kernels.
+pytestmark = pytest.mark.cpu_kind
+
 PROMPTS = ["hi", "tell me a story about a cat", "2+2?", "what is the capital of France? answer briefly", "ok",
            "a much longer question that makes this prompt the longest of the lot by far, padding the others", "x"]
 

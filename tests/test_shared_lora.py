@@ -13,6 +13,10 @@ from chattune.train import fast_dropout, shared_lora
 from chattune.train.trainer import train
 from tiny import make_tiny_llama, write_jsonl
 
+# Runs once more per CPU kind (tests/test_cpu_kinds.py): its outcome depends on the precision chattune picks or
+# on the CPU's kernels.
+pytestmark = pytest.mark.cpu_kind
+
 
 @pytest.fixture(scope="module")
 def tiny_path(tmp_path_factory):

@@ -12,6 +12,10 @@ from chattune import outputs as ckpt
 from chattune.train.trainer import train
 from tiny import make_tiny_llama, write_jsonl
 
+# Runs once more per CPU kind (tests/test_cpu_kinds.py): its outcome depends on the precision chattune picks or
+# on the CPU's kernels.
+pytestmark = pytest.mark.cpu_kind
+
 WORDS = ["apple", "pear", "plum", "fig", "kiwi", "lime", "date", "nut", "yam", "oat", "rye", "pea"]
 
 
