@@ -248,6 +248,27 @@ _GLM4 = _COMMON + _GLM_CONTENT + r"""
 
 # ChatGLM3 writes a call as Python code: `tool_call(key=value, ...)`, each value as Python's repr. `([v] | string)`
 # is str() of a one-item list, which is "[" + repr(v) + "]" in Python: jinja has no repr of its own.
+# ChatGLM2: `build_prompt`'s rounds; the last answer is tokenized on its own (content) and ends with eos.
+_CHATGLM2 = _COMMON + _GLM_CONTENT + r"""
+{%- if system is not none or tools %}
+    {{- raise_exception('ChatGLM2 has no system prompt and no tools') }}
+{%- endif %}
+{{- '[gMASK]sop' }}
+{%- set ns = namespace(round=0) %}
+{%- for m in chat %}
+    {%- if m.role == 'user' %}
+        {%- set ns.round = ns.round + 1 %}
+        {{- '[Round ' + (ns.round | string) + ']\n\n问：' + m.content + '\n\n答：' }}
+    {%- elif m.role == 'assistant' and not loop.last %}
+        {{- m.content + '\n\n' }}
+    {%- elif m.role == 'assistant' %}
+        {{- content(m.content) + @FINAL@ }}
+    {%- else %}
+        {{- raise_exception('ChatGLM2 takes user and assistant turns only, not ' + m.role) }}
+    {%- endif %}
+{%- endfor %}
+"""
+
 _CHATGLM3 = _COMMON + _GLM_CONTENT + r"""
 {%- macro call_body(args) %}
     {{- content('```python\ntool_call(') }}
@@ -289,12 +310,15 @@ def chat_template_jinja(template: Template, tokenizer=None) -> str:
         return _fill(_CHATML, QWEN_TOOLS_HEADER=QWEN_TOOLS_HEADER, QWEN_TOOLS_FOOTER=QWEN_TOOLS_FOOTER)
     if template.name == "llama3":
         return _fill(_LLAMA3, LLAMA31_SYSTEM_HEADER=LLAMA31_SYSTEM_HEADER, LLAMA31_TOOLS_INTRO=LLAMA31_TOOLS_INTRO)
+    if template.name == "chatglm2":
+        return _fill(_CHATGLM2, FINAL=template.eos, PREFIX=content_prefix(tokenizer))
     if isinstance(template, GLMTemplate) and template.name in ("glm4", "chatglm3"):
         prefix = content_prefix(tokenizer)
         if template.name == "glm4":
             return _fill(_GLM4, GLM4_PERSONA=GLM4_PERSONA, FINAL=template.final, PREFIX=prefix)
         return _fill(_CHATGLM3, CHATGLM3_TOOLS_PROMPT=CHATGLM3_TOOLS_PROMPT, FINAL=template.final, PREFIX=prefix)
-    raise ConfigError(f"template `{template.name}` has no jinja form; use one of: auto, chatml, llama3, glm4, chatglm3")
+    raise ConfigError(f"template `{template.name}` has no jinja form; use one of: auto, chatml, llama3, glm4, "
+                      "chatglm3, chatglm2")
 
 
 def write_template_files(folder: str | Path, template: Template, tokenizer) -> Path:

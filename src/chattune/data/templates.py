@@ -5,7 +5,8 @@ and `stop_tokens`), so the model is prompted at inference exactly as it was trai
 
 - `auto` (default): the tokenizer's own jinja `chat_template`, split into prompt and answer by rendering
   prefixes of the conversation (see `JinjaTemplate`).
-- built-ins with exact strings: `chatml`, `chatglm3`, `glm4`, `llama3`.
+- built-ins with exact strings: `chatml`, `chatglm2`, `chatglm3`, `glm4`, `llama3`. For the ChatGLM family `auto`
+  picks the family's built-in even when the tokenizer has a jinja template (see `get_template`).
 
 Every trained assistant turn includes the token that stops generation (`<|im_end|>`, `<|eot_id|>`, the next
 role token for GLM models, or the tokenizer's eos), so a tuned model learns to stop.
@@ -24,6 +25,8 @@ import json
 import re
 import tokenize
 
+from jinja2 import TemplateError
+
 from chattune.data.encode import Piece
 from chattune.data.formats import Conversation, Message
 from chattune.errors import ConfigError, DataError
@@ -35,6 +38,7 @@ def _args_json(arguments) -> str:
 
 class Template:
     name = "base"
+    chosen_because = ""  # set by get_template: which template was chosen and why (for the run log)
 
     def pieces(self, conv: Conversation, add_generation_prompt: bool = False) -> list[Piece]:
         raise NotImplementedError
@@ -220,7 +224,8 @@ class GLMTemplate(Template):
         out = [Piece(p, special=True) for p in self.prefix] + self.system_pieces(conv)
         trained_open = False  # the previous assistant turn waits for its terminating token
         for m in conv.messages:
-            out.append(Piece(f"<|{m.role}|>", trainable=trained_open, special=True))
+            role = glm_role(m.role, self.name, conv.source)
+            out.append(Piece(f"<|{role}|>", trainable=trained_open, special=True))
             if m.role == "assistant":
                 if m.tool_call is None:
                     out += [Piece("\n", m.train), Piece(m.content, m.train, keep=True)]
@@ -262,6 +267,17 @@ class GLMTemplate(Template):
         return "", calls
 
 
+def glm_role(role: str, template: str, source: str = "") -> str:
+    """The GLM role token name for a message role. Tool results are `observation` (`tool` is taken as such); any
+    other role has no token in GLM's vocabulary and is refused here rather than as an unknown special token."""
+    if role in ("user", "assistant", "observation"):
+        return role
+    if role in ("tool", "function", "ipython"):
+        return "observation"
+    raise DataError([f"{source}: role {role!r}: template {template} has no such role"],
+                    "fix: use the roles user, assistant and observation (tool results) in the data")
+
+
 CHATGLM3_TOOLS_PROMPT = "Answer the following questions as best as you can. You have access to the following tools:"
 
 
@@ -295,6 +311,61 @@ class ChatGLM3Template(GLMTemplate):
         m = _PYTHON_CALL.match(body)
         kwargs = _python_kwargs(m.group(1)) if m else None
         return None if kwargs is None else (kwargs, body[m.end():])
+
+
+class ChatGLM2Template(Template):
+    """ChatGLM2-6B: `[gMASK]sop` then `[Round N]\n\n问：{query}\n\n答：{answer}\n\n` counting from 1, as its
+    tokenizer's `build_prompt` writes it; no system prompt, no tools.
+
+    As in its official finetune (ptuning/main.py), the prompt is one string (earlier rounds and their answers in
+    it, tokenized together) and the last answer is tokenized on its own and followed by eos `</s>`; both are
+    trained. Earlier answers are part of that prompt string, exactly as `build_prompt` gives them to the model at
+    chat time, so only the last answer is trained (its `loss` flag decides whether it is)."""
+
+    name = "chatglm2"
+    prefix = ["[gMASK]", "sop"]
+    eos = "</s>"
+
+    def _rounds(self, conv: Conversation) -> list[tuple[str, Message | None]]:
+        problems = []
+        if conv.system is not None:
+            problems.append(f"{conv.source}: system: ChatGLM2 has no system prompt")
+        if conv.tools:
+            problems.append(f"{conv.source}: tools: ChatGLM2 has no tool format")
+        rounds: list[tuple[str, Message | None]] = []
+        for m in conv.messages:
+            if m.role == "user" and (not rounds or rounds[-1][1] is not None):
+                rounds.append((m.content, None))
+            elif m.role == "assistant" and m.tool_call is None and rounds and rounds[-1][1] is None:
+                rounds[-1] = (rounds[-1][0], m)
+            else:
+                problems.append(f"{conv.source}: role {m.role!r}: ChatGLM2 takes alternating user/assistant turns "
+                                "(no tool calls or results)")
+                break
+        if problems:
+            raise DataError(problems, "fix: drop the system prompt and tool turns for ChatGLM2, or use a model "
+                                      "with a tool format (template=chatglm3 or glm4)")
+        return rounds
+
+    def pieces(self, conv: Conversation, add_generation_prompt: bool = False) -> list[Piece]:
+        rounds = self._rounds(conv)
+        answered = rounds and rounds[-1][1] is not None and not add_generation_prompt
+        prompt = ""
+        for i, (query, answer) in enumerate(rounds, 1):
+            prompt += f"[Round {i}]\n\n问：{query}\n\n答："
+            if answer is not None and (i < len(rounds) or add_generation_prompt):
+                prompt += answer.content + "\n\n"
+        out = [Piece(p, special=True) for p in self.prefix] + [Piece(prompt)]
+        if answered:
+            last = rounds[-1][1]
+            out += [Piece(last.content, last.train, keep=True), Piece(self.eos, last.train, special=True)]
+        return _merge(out)
+
+    def stop_tokens(self, tokenizer) -> list[int]:
+        return _ids(tokenizer, [self.eos])
+
+    def parse_assistant(self, text: str) -> tuple[str, list[dict]]:
+        return _strip_stops(text, [self.eos]), []
 
 
 GLM4_PERSONA = ("你是一个名为 ChatGLM 的人工智能助手。你是基于智谱AI训练的语言模型 GLM-4 模型开发的，"
@@ -357,6 +428,9 @@ class JinjaTemplate(Template):
         source = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else str(tokenizer.chat_template)
         self.native_tools = "tools" in source
         self.native_tool_calls = "tool_calls" in source
+        # Tool results go to the template as `tool` (the OpenAI form), or as `observation` for a tokenizer that has
+        # that role token (GLM models, whose templates write `<|{role}|>` and know no `tool`).
+        self.result_role = "observation" if _has_token(tokenizer, "<|observation|>") else "tool"
         stop_ids = ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []) + list(extra_stop_ids or [])
         self._stop_ids = list(dict.fromkeys(stop_ids))
         self.stop_strings = [tokenizer.convert_ids_to_tokens(i) for i in self._stop_ids]
@@ -379,7 +453,7 @@ class JinjaTemplate(Template):
 
     def _message(self, m: Message) -> dict:
         if m.role == "observation":
-            return {"role": "tool", "content": m.content}
+            return {"role": self.result_role, "content": m.content}
         if m.tool_call is None:
             return {"role": m.role, "content": m.content}
         if self.native_tool_calls:
@@ -396,8 +470,15 @@ class JinjaTemplate(Template):
 
     def render(self, msgs: list[dict], tools: list[dict] | None, add_generation_prompt: bool) -> str:
         kwargs = {"tools": [{"type": "function", "function": t} for t in tools]} if tools and self.native_tools else {}
-        return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                                  **kwargs)
+        try:
+            return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                      **kwargs)
+        except (AssertionError, KeyError, ValueError, TypeError, TemplateError) as e:  # e.g. a role it refuses
+            roles = sorted({m["role"] for m in msgs})
+            raise DataError([f"template: the tokenizer's chat template refused a conversation with roles {roles}: "
+                             f"{type(e).__name__}: {e}"],
+                            "fix: use a built-in template that takes these roles (template=chatml|llama3|glm4|"
+                            "chatglm3), or leave the tool turns out of the data") from e
 
     def pieces(self, conv: Conversation, add_generation_prompt: bool = False) -> list[Piece]:
         msgs = self._messages(conv)
@@ -552,19 +633,65 @@ def _merge(pieces: list[Piece]) -> list[Piece]:
     return out
 
 
-BUILTIN = {"chatml": ChatMLTemplate, "chatglm3": ChatGLM3Template, "glm4": GLM4Template, "llama3": Llama3Template}
+BUILTIN = {"chatml": ChatMLTemplate, "chatglm2": ChatGLM2Template, "chatglm3": ChatGLM3Template,
+           "glm4": GLM4Template, "llama3": Llama3Template}
 TEMPLATE_NAMES = ("auto", *BUILTIN)
 
 
-def get_template(name: str, tokenizer=None, model_type: str | None = None, extra_stop_ids: list[int] | None = None) -> Template:
-    """`auto`: the tokenizer's chat template; a model without one falls back on its family's built-in."""
+def _has_token(tokenizer, token: str) -> bool:
+    try:
+        tid = tokenizer.convert_tokens_to_ids(token)
+    except Exception:  # noqa: BLE001 - an exotic tokenizer: no evidence
+        return False
+    return isinstance(tid, int) and tid >= 0 and tid != tokenizer.unk_token_id
+
+
+def glm_family(tokenizer, model_type: str | None = None) -> tuple[str | None, str]:
+    """("chatglm2" | "chatglm3" | "glm4" | None, the evidence) from the tokenizer and config model_type.
+
+    A tokenizer chattune converted says so in its config (`chattune_glm_family`). Otherwise only a tokenizer of
+    class ChatGLM*Tokenizer or a model of model_type chatglm/glm/glm4 with a `[gMASK]` token counts. Then GLM-4
+    has `<sop>`, ChatGLM3 `sop` and `<|user|>`, ChatGLM2 `sop` and no role tokens."""
+    cls = type(tokenizer).__name__ if tokenizer is not None else ""
+    marked = (getattr(tokenizer, "init_kwargs", None) or {}).get("chattune_glm_family")
+    if marked in ("chatglm2", "chatglm3", "glm4"):  # written by chattune's conversion (glm_tokenizer.py)
+        return marked, f"the tokenizer was converted by chattune from a {marked} tokenizer"
+    glm_type = (model_type or "") in ("chatglm", "glm", "glm4")
+    if tokenizer is None or not (glm_type or "ChatGLM" in cls) or not _has_token(tokenizer, "[gMASK]"):
+        return None, ""
+    if _has_token(tokenizer, "<sop>") or "ChatGLM4" in cls:
+        return "glm4", "the tokenizer has GLM-4's `<sop>` token" if "ChatGLM4" not in cls else f"tokenizer class {cls}"
+    if _has_token(tokenizer, "sop"):
+        if _has_token(tokenizer, "<|user|>"):
+            return "chatglm3", "the tokenizer has ChatGLM3's `sop` and `<|user|>` tokens"
+        return "chatglm2", "the tokenizer has ChatGLM2's `sop` token and no role tokens"
+    return None, ""
+
+
+def get_template(name: str, tokenizer=None, model_type: str | None = None,
+                 extra_stop_ids: list[int] | None = None) -> Template:
+    """`auto`: the tokenizer's chat template; a model without one falls back on its family's built-in.
+
+    For the ChatGLM family (ChatGLM2/3, GLM-4) `auto` always takes chattune's exact built-in, also when the
+    tokenizer has a jinja template: the published ones are wrong for training (ChatGLM3's writes `[gMASK]sop` as
+    text, which its tokenizer splits into ordinary tokens; GLM-4's ends answers with `<|endoftext|>` where the
+    GLM-4 finetune demo trains the next `<|user|>`). The returned template's `chosen_because` says why."""
     if name in BUILTIN:
-        return BUILTIN[name]()
+        return _chosen(BUILTIN[name](), f"template={name}")
     if name != "auto":
         raise ConfigError(f"unknown template `{name}`; choose one of: {', '.join(TEMPLATE_NAMES)}")
-    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        return JinjaTemplate(tokenizer, extra_stop_ids)
-    family = {"chatglm": "chatglm3", "glm4": "glm4", "glm": "glm4", "llama": None, "qwen2": "chatml"}.get(model_type or "")
+    family, why = glm_family(tokenizer, model_type)
     if family:
-        return BUILTIN[family]()
-    raise ConfigError("the tokenizer has no chat_template; choose one: template=chatml|chatglm3|glm4|llama3")
+        return _chosen(BUILTIN[family](), f"template=auto: {why}; ChatGLM models use chattune's exact built-in")
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        return _chosen(JinjaTemplate(tokenizer, extra_stop_ids), "template=auto: the tokenizer's chat_template")
+    families = {"chatglm": "chatglm3", "glm4": "glm4", "glm": "glm4", "llama": None, "qwen2": "chatml"}
+    family = families.get(model_type or "")
+    if family:
+        return _chosen(BUILTIN[family](), f"template=auto: no chat_template; model_type {model_type}")
+    raise ConfigError("the tokenizer has no chat_template; choose one: template=chatml|chatglm2|chatglm3|glm4|llama3")
+
+
+def _chosen(template: Template, why: str) -> Template:
+    template.chosen_because = why
+    return template
