@@ -242,7 +242,9 @@ def _quantizable_weights(model) -> int:
     the output head's (transformers keeps the head, and with it a tied embedding, in 16 bits)."""
     import torch
 
-    head = model.get_output_embeddings()
+    from chattune.methods.common import output_head
+
+    head = output_head(model)  # the rule lora.target=all skips the head by
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
 
 

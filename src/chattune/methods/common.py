@@ -10,6 +10,72 @@ from pathlib import Path
 from chattune.errors import MethodError
 
 
+# Leaf names the output head goes by where a model does not say which module it is (ChatGLM: output_layer).
+HEAD_NAMES = ("lm_head", "output_layer", "embed_out", "output", "head")
+
+
+def output_head(model):
+    """The module that maps the last hidden states to vocabulary logits (tied or not), or None.
+
+    First `model.get_output_embeddings()`; remote-code models often do not define it (ChatGLM's
+    `transformer.output_layer`), so then the head is recognised by what it is: a module other than the input
+    embedding whose weight maps hidden size to vocabulary size ([vocab, hidden]; config vocab_size /
+    padded_vocab_size, or the input embedding's rows). Of several, the one whose weight is the input embedding's
+    (tied), else one named like a head (HEAD_NAMES), else the last one registered; where hidden == vocab the shape
+    says nothing, so only a tie or a name counts."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None:
+        return head
+    embedding = _input_embedding(model)
+    vocabs, hidden = _vocab_and_hidden(model, embedding)
+    if not vocabs or hidden is None:
+        return None
+    found = [(name, m) for name, m in model.named_modules() if m is not embedding and _maps_to_vocab(m, vocabs, hidden)]
+    tied = [m for _, m in found if embedding is not None and m.weight is getattr(embedding, "weight", None)]
+    named = [m for name, m in found if name.rsplit(".", 1)[-1] in HEAD_NAMES]
+    by_shape = [m for _, m in found] if hidden not in vocabs else []
+    for group in (tied, named, by_shape):
+        if group:
+            return group[-1]
+    return None
+
+
+def _input_embedding(model):
+    try:
+        return model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    except NotImplementedError:
+        return None
+
+
+def _vocab_and_hidden(model, embedding) -> tuple[set[int], int | None]:
+    """The vocabulary sizes the config declares (and the input embedding's rows), and the hidden size."""
+    config = getattr(model, "config", None)
+    configs = [c for c in (config, getattr(config, "text_config", None)) if c is not None]
+    vocabs = {v for c in configs for v in (getattr(c, "vocab_size", None), getattr(c, "padded_vocab_size", None))
+              if isinstance(v, int)}
+    hidden = next((c.hidden_size for c in configs if isinstance(getattr(c, "hidden_size", None), int)), None)
+    weight = getattr(embedding, "weight", None)
+    if weight is not None and weight.dim() == 2:
+        vocabs.add(weight.shape[0])
+        hidden = hidden if hidden is not None else weight.shape[1]
+    return vocabs, hidden
+
+
+def _maps_to_vocab(module, vocabs: set[int], hidden: int) -> bool:
+    """A module of its own weight [vocab, hidden] (a Linear; GPT-2's Conv1D stores [hidden, vocab])."""
+    import torch
+
+    if isinstance(module, torch.nn.Embedding):
+        return False
+    weight = module._parameters.get("weight") if hasattr(module, "_parameters") else None
+    if weight is None or weight.dim() != 2:
+        return False
+    rows, cols = weight.shape
+    if module.__class__.__name__ == "Conv1D":
+        rows, cols = cols, rows
+    return rows in vocabs and cols == hidden
+
+
 def check_fsdp(cfg, device: str) -> None:
     """`train.fsdp=true`: accelerate runs FSDP on GPUs only (on CPU it would silently fall back to plain DDP)."""
     if not cfg.train.fsdp:

@@ -1,5 +1,6 @@
 """LoRA through peft. `lora.target=all` = every linear layer except the output head, found by type, so it works
-for architectures peft has no defaults for (e.g. ChatGLM's fused `query_key_value`).
+for architectures peft has no defaults for (e.g. ChatGLM's fused `query_key_value`). The head is never adapted:
+it is recognised by what it is (common.output_head), also where a remote-code model does not name it.
 
 `model.load_in_8bit=true` puts the adapters on an 8-bit base (bitsandbytes, CUDA only; helpers in common.py)."""
 
@@ -11,7 +12,7 @@ from pydantic import Field, field_validator
 
 from chattune.errors import MethodError
 from chattune.methods.base import Method, Section
-from chattune.methods.common import prepare_quantized, quantization_kwargs, require_bitsandbytes
+from chattune.methods.common import output_head, prepare_quantized, quantization_kwargs, require_bitsandbytes
 
 
 class LoraConfig(Section):
@@ -47,7 +48,8 @@ def _is_linear(module) -> bool:
 
 
 def linear_module_names(model) -> list[str]:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    """Every linear layer's full name but the output head's."""
+    head = output_head(model)
     return [name for name, module in model.named_modules() if _is_linear(module) and module is not head]
 
 
