@@ -60,10 +60,11 @@ def check_adapter(adapter: str) -> str:
 
 def load_tuned(adapter: str | None = None, model: str | None = None, template: str | None = None,
                trust_remote_code: bool | None = None, dtype: torch.dtype = torch.float32, log=print,
-               device_map: str | None = None, packed: bool = False) -> Tuned:
+               device_map: str | None = None, packed: bool = False, attn_implementation: str | None = None) -> Tuned:
     """`device_map="auto"` spreads a large model over the visible GPUs (accelerate's big-model loading).
     `packed=True` (chat, serve: models that are only run) decodes the layers whose fp32 weights are exactly
-    4-/8-bit blocks from those blocks (models/packed.py)."""
+    4-/8-bit blocks from those blocks (models/packed.py). `attn_implementation` (`model.attn_implementation`): the
+    model's attention, e.g. eager or sdpa (default: transformers' choice)."""
     extra = {"device_map": device_map} if device_map else {}
     if adapter:
         if check_adapter(adapter) == FULL_MODEL:
@@ -81,7 +82,7 @@ def load_tuned(adapter: str | None = None, model: str | None = None, template: s
         base_path = resolve_model_path(base_spec, log)
         tok_source = folder if (folder / "tokenizer_config.json").exists() else Path(base_path)
         tokenizer = load_tokenizer(str(tok_source), trust)
-        base = load_model(base_path, dtype, trust, **extra)
+        base = load_model(base_path, dtype, trust, attn_implementation, **extra)
         from peft import PeftModel
 
         net = PeftModel.from_pretrained(base, str(folder))
@@ -92,7 +93,7 @@ def load_tuned(adapter: str | None = None, model: str | None = None, template: s
         info = read_info(path) if Path(path).is_dir() else {}
         trust = info.get("trust_remote_code", False) if trust_remote_code is None else trust_remote_code
         tokenizer = load_tokenizer(path, trust)
-        net = load_model(path, dtype, trust, **extra)
+        net = load_model(path, dtype, trust, attn_implementation, **extra)
         mtype = model_type(path)
         folder = Path(path)
     net.eval()

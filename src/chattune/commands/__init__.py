@@ -5,11 +5,13 @@
 - `run(args) -> int`: do the work (heavy imports inside, so `chattune --help` stays fast).
 
 Adding a command = one module + one entry in COMMANDS (its order is the order of `chattune --help`).
-Every command reads `key=value` overrides through config.py; `model_config` below does it for the commands that
-load a trained model (`eval`, `serve`), each naming the keys that mean something to it.
+Every command reads `key=value` overrides through config.py; `add_overrides` and `model_config` below do it for the
+commands that load a trained model (`chat`, `eval`, `serve`): each takes `train`'s `model.*` keys (MODEL_KEYS) and
+names the other keys that mean something to it.
 """
 
-COMMANDS = ["quickstart", "train", "data", "eval", "compare", "plot", "chat", "serve", "export", "estimate", "bench"]
+COMMANDS = ["quickstart", "train", "data", "eval", "compare", "plot", "chat", "serve", "export", "convert", "estimate",
+            "bench"]
 
 
 def add_packed_option(p, default: str = "auto") -> None:
@@ -27,13 +29,45 @@ def add_decode_step_option(p, default: str = "auto") -> None:
                         f"results (checked at start-up); transformers: the model's own forward (default: {default})")
 
 
+# The `model.*` keys of `train` that `chat`, `eval` and `serve` take too (after their options: `chattune chat --model
+# DIR model.trust_remote_code=true`); each reaches `load_tuned`.
+MODEL_KEYS = {
+    "model.trust_remote_code": "load a remote-code model (default: as the run did)",
+    "model.attn_implementation": "the attention implementation: eager, sdpa, flash_attention_2, ... (default: the "
+                                 "run's, else transformers' choice)",
+}
+# The other `model.*` keys, refused with the reason.
+MODEL_HINTS = {
+    "model.path": "give the model with --model or --adapter",
+    "model.load_in_8bit": "an 8-bit base is a training setting (bitsandbytes, CUDA); the model is loaded "
+                          "unquantized, and an adapter trained on an 8-bit base applies to it as it is",
+}
+# Keys whose value starts from the run's recorded config.yaml (trust_remote_code: from its chattune.json, in
+# load_tuned).
+MODEL_INHERITED = ("model.attn_implementation",)
+
+
+def command_keys(keys: dict[str, str]) -> dict[str, str]:
+    """A command's own keys, then the MODEL_KEYS it does not list itself: every key the command takes."""
+    return {**keys, **{k: v for k, v in MODEL_KEYS.items() if k not in keys}}
+
+
+def add_overrides(p, keys: dict[str, str], what: str = "run-config overrides") -> None:
+    """The positional `key=value ...` of a command that loads a model (`chat`, `eval`, `serve`); `keys` are its
+    own, the model.* keys are added. (`args`: cli.main appends `key=value` items given after the options there.)"""
+    p.add_argument("args", nargs="*", metavar="key=value", help=f"{what}: " + ", ".join(command_keys(keys)))
+
+
 def model_config(command: str, adapter: str | None, model: str | None, overrides: list[str],
                  applies: dict[str, str], inherited: tuple[str, ...] = (), hints: dict[str, str] | None = None,
                  log=print):
-    """The `key=value` overrides of a command that loads a trained model (`eval`, `serve`), through the same
-    machinery as `train` (config.command_config). The `inherited` keys start from the run's recorded config.yaml
-    (an `--adapter`/`--model` folder's, or its run's for a checkpoint-N); template and trust_remote_code come from
-    the run's chattune.json unless given. Returns (config, keys given, `load_tuned` keyword arguments)."""
+    """The `key=value` overrides of a command that loads a trained model (`chat`, `eval`, `serve`), through the
+    same machinery as `train` (config.command_config: did-you-mean for an unknown key, type and range errors; a
+    known key that does nothing for the command refused with the keys that apply). `applies` are the command's
+    own keys; MODEL_KEYS apply to every such command. The `inherited` keys (and MODEL_INHERITED) start from the
+    run's recorded config.yaml (an `--adapter`/`--model` folder's, or its run's for a checkpoint-N); template and
+    trust_remote_code come from the run's chattune.json unless given. Returns (config, keys given, `load_tuned`
+    keyword arguments)."""
     from pathlib import Path
 
     from chattune.config import command_config, get_dotted, recorded_config, set_dotted
@@ -41,16 +75,23 @@ def model_config(command: str, adapter: str | None, model: str | None, overrides
     folder = adapter or model
     recorded, path = recorded_config(folder) if folder and Path(folder).is_dir() else ({}, None)
     base: dict = {}
-    for key in inherited:
+    for key in (*inherited, *MODEL_INHERITED):
         found, value = get_dotted(recorded, key)
         if found:
             set_dotted(base, key, value)
-    cfg, given = command_config(command, overrides, applies, base, path, hints)
+    cfg, given = command_config(command, overrides, command_keys(applies), base, path, {**MODEL_HINTS,
+                                                                                         **(hints or {})})
     load: dict = {}
     if "template" in given:
         load["template"] = cfg.template
     if "model.trust_remote_code" in given:
         load["trust_remote_code"] = cfg.model.trust_remote_code
+    attention = cfg.model.attn_implementation
+    if attention:
+        check_attention(attention)
+        log(f"attention: {attention} (model.attn_implementation"
+            + ("" if "model.attn_implementation" in given else f", as recorded in {path}") + ")")
+        load["attn_implementation"] = attention
     if "train.precision" in given:
         from chattune.hardware import torch_dtype
 
@@ -74,3 +115,27 @@ def inference_precision(precision: str, folder: str | None) -> tuple[str, str]:
         if recorded in ("fp32", "bf16") or (recorded == "fp16" and device == "cuda"):
             return recorded, "the precision the run trained in (its chattune.json)"
     return choose_precision(precision, device)
+
+
+def check_attention(name: str) -> None:
+    """`model.attn_implementation`: one transformers knows (eager or a registered one), or a hub kernel
+    (`org/repo`), checked before the model loads."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from chattune.errors import ConfigError
+
+    known = ["eager", *ALL_ATTENTION_FUNCTIONS.keys()]
+    if name not in known and "/" not in name:
+        raise ConfigError(f"model.attn_implementation={name}: not an attention implementation transformers knows; "
+                          f"choose from {', '.join(known)} (or a hub kernel, org/repo)")
+
+
+def decode_step_choice(choice: str, cfg, log=print) -> str:
+    """`--decode-step auto` becomes `transformers` where `model.attn_implementation` asks for an attention other
+    than SDPA: chattune's own step (models/decode_step.py) attends through SDPA, so the key would not hold."""
+    attention = cfg.model.attn_implementation
+    if choice == "auto" and attention and attention != "sdpa":
+        log(f"decode step: transformers' forward (model.attn_implementation={attention}; chattune's own step "
+            "attends through SDPA)")
+        return "transformers"
+    return choice

@@ -1,8 +1,15 @@
-"""`chattune chat (--adapter DIR | --model DIR) [--prompt TEXT]`."""
+"""`chattune chat (--adapter DIR | --model DIR) [--prompt TEXT] [key=value ...]`.
 
-from chattune.commands import add_decode_step_option, add_packed_option
+The `key=value` items are `train`'s `model.*` keys (`model.trust_remote_code=true`, `model.attn_implementation=
+eager`): the model loads as it would for training; with --adapter the run's recorded settings are the default."""
+
+from chattune.commands import add_decode_step_option, add_overrides, add_packed_option
 
 HELP = "talk to a tuned or plain model in the terminal"
+
+# Only the model.* keys (commands.MODEL_KEYS) apply; these say where the others' settings go instead.
+KEYS: dict = {}
+HINTS = {"template": "give it with --template", "data.system": "give it with --system"}
 
 
 def configure(p) -> None:
@@ -16,15 +23,26 @@ def configure(p) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     add_packed_option(p)
     add_decode_step_option(p)
+    add_overrides(p, KEYS, "model settings, as train takes them")
+
+
+def load(args, log=print):
+    """The model to chat with, loaded as the flags and `key=value` items say (a bad key fails before loading);
+    `args.decode_step` becomes the decode step that will run (commands.decode_step_choice)."""
+    from chattune.commands import decode_step_choice, model_config
+    from chattune.inference import load_tuned
+
+    cfg, _, kwargs = model_config("chat", args.adapter, args.model, list(args.args), KEYS, hints=HINTS, log=log)
+    args.decode_step = decode_step_choice(args.decode_step, cfg, log)
+    return load_tuned(adapter=args.adapter, model=args.model, template=args.template, log=log,
+                      packed=args.packed == "auto", **kwargs)
 
 
 def run(args) -> int:
     from chattune.chat import answer_once, chat_loop
-    from chattune.inference import load_tuned
     from chattune.log import log
 
-    tuned = load_tuned(adapter=args.adapter, model=args.model, template=args.template, log=log,
-                       packed=args.packed == "auto")
+    tuned = load(args, log)
     if args.decode_step == "auto":
         from chattune.models.decode_step import enable_for_generate
 

@@ -1,10 +1,12 @@
-"""`chattune eval (--adapter DIR | --model DIR) --data FILE [--metrics ...] [key=value ...]`."""
+"""`chattune eval (--adapter DIR | --model DIR) --data FILE [--metrics ...] [key=value ...]`.
 
-from chattune.commands import add_decode_step_option, add_packed_option
+The `key=value` items: the KEYS below and `train`'s `model.*` keys (commands.MODEL_KEYS)."""
+
+from chattune.commands import add_decode_step_option, add_overrides, add_packed_option
 
 HELP = "score a model on a data file: ROUGE-1/2/L, BLEU-4, exact match, triple F1, loss; writes predictions"
 
-# The run-config keys that change what `eval` does (the others are refused, never ignored).
+# The run-config keys that change what `eval` does besides the model.* ones (the others are refused, never ignored).
 KEYS = {
     "template": "the chat template (default: the one the run used; --template is the same)",
     "model.trust_remote_code": "load a remote-code model (default: as the run did)",
@@ -36,12 +38,11 @@ def configure(p) -> None:
     p.add_argument("--out", help="output folder (default: MODEL_DIR/eval-<data file stem>)")
     add_packed_option(p, default="off")
     add_decode_step_option(p, default="transformers")
-    p.add_argument("args", nargs="*", metavar="key=value",
-                   help="run-config overrides, starting from the run's config.yaml: " + ", ".join(KEYS))
+    add_overrides(p, KEYS, "run-config overrides, starting from the run's config.yaml")
 
 
 def run(args) -> int:
-    from chattune.commands import model_config
+    from chattune.commands import decode_step_choice, model_config
     from chattune.errors import ConfigError
     from chattune.evaluate.metrics import parse_metric_names
     from chattune.evaluate.run import evaluate
@@ -55,7 +56,8 @@ def run(args) -> int:
         raise ConfigError(f"{', '.join(loss_only)}: only the loss metric encodes whole records (generation prompts "
                           f"are never cut); add loss to --metrics (now {','.join(names)}) or leave "
                           f"{'it' if len(loss_only) == 1 else 'them'} out")
+    decode_step = decode_step_choice(args.decode_step, cfg, log)
     evaluate(args.adapter, args.model, args.data, names, args.batch_size, args.max_new_tokens, args.limit,
              args.out, log=log, data_config=cfg.data, packed=args.packed == "auto",
-             decode_step=args.decode_step == "auto", **load)
+             decode_step=decode_step == "auto", **load)
     return 0

@@ -1,10 +1,12 @@
-"""`chattune serve (--adapter DIR | --model DIR) [--host 127.0.0.1] [--port 8000] ... [key=value ...]`."""
+"""`chattune serve (--adapter DIR | --model DIR) [--host 127.0.0.1] [--port 8000] ... [key=value ...]`.
 
-from chattune.commands import add_decode_step_option, add_packed_option
+The `key=value` items: the KEYS below and `train`'s `model.*` keys (commands.MODEL_KEYS)."""
+
+from chattune.commands import add_decode_step_option, add_overrides, add_packed_option
 
 HELP = "serve a model: OpenAI-compatible /v1/chat/completions and a web chat page at /"
 
-# The run-config keys that change what `serve` does (the others are refused, never ignored).
+# The run-config keys that change what `serve` does besides the model.* ones (the others are refused, never ignored).
 KEYS = {
     "template": "the chat template (default: the one the run used; --template is the same)",
     "model.trust_remote_code": "load a remote-code model (default: as the run did)",
@@ -29,16 +31,18 @@ def configure(p) -> None:
     p.add_argument("--template", help="override the template (default: the one the run used); = template=NAME")
     add_packed_option(p)
     add_decode_step_option(p)
-    p.add_argument("args", nargs="*", metavar="key=value", help="run-config overrides: " + ", ".join(KEYS))
+    add_overrides(p, KEYS)
 
 
 def load(args, log=print):
-    """The model to serve, loaded as the flags and `key=value` overrides say (a bad key fails before loading)."""
-    from chattune.commands import model_config
+    """The model to serve, loaded as the flags and `key=value` overrides say (a bad key fails before loading);
+    `args.decode_step` becomes the decode step that will run (commands.decode_step_choice)."""
+    from chattune.commands import decode_step_choice, model_config
     from chattune.inference import load_tuned
 
     overrides = ([f"template={args.template}"] if args.template else []) + list(args.args)
-    _, _, kwargs = model_config("serve", args.adapter, args.model, overrides, KEYS, hints=HINTS, log=log)
+    cfg, _, kwargs = model_config("serve", args.adapter, args.model, overrides, KEYS, hints=HINTS, log=log)
+    args.decode_step = decode_step_choice(args.decode_step, cfg, log)
     return load_tuned(adapter=args.adapter, model=args.model, log=log, device_map=args.device_map,
                       packed=args.packed == "auto", **kwargs)
 
