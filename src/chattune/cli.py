@@ -1,6 +1,7 @@
 """`chattune <command>`: builds the parser from the command modules in `chattune.commands` and runs one.
 
-User errors (ChattuneError) print one message and exit with code 2, never a traceback.
+User errors (ChattuneError) print one message and exit with code 2, never a traceback; so does an error raised
+inside a model's own (remote) code, which names the failing call and the way out.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 
 from chattune import __version__
 from chattune.commands import COMMANDS
-from chattune.errors import ChattuneError
+from chattune.errors import ChattuneError, remote_code_failure
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     except ChattuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except Exception as e:  # noqa: BLE001 - only errors raised inside a model's own code are turned into a message
+        failure = remote_code_failure(e)
+        if failure is None:
+            raise
+        print(f"error: {failure}", file=sys.stderr)
+        return failure.exit_code
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

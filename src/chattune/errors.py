@@ -34,3 +34,26 @@ class ModelError(ChattuneError):
 
 class MethodError(ChattuneError):
     pass
+
+
+def remote_code_failure(e: BaseException) -> "ModelError | None":
+    """A ModelError naming the call that failed inside a model's own (remote) code, or None when the error did not
+    come from such code. Remote code written for older transformers breaks under newer ones in many ways (a missing
+    config attribute, a changed cache object or keyword); the user's way out is a native implementation or the
+    model's updated revision, never a traceback from inside its files."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if "transformers_modules" in f.filename.replace("\\", "/")]
+    if not frames:
+        return None
+    where = frames[-1]
+    from pathlib import Path
+
+    import transformers
+
+    return ModelError(
+        f"the model's own code fails under transformers {transformers.__version__}: {Path(where.filename).name}, line "
+        f"{where.lineno}, in {where.name}: {type(e).__name__}: {e}\nfix: download the publisher's updated revision "
+        "of the model (if it has one) and point model= at it, or use a version of the model that transformers "
+        "implements (chattune converts ChatGLM2/3 and GLM-4 checkpoints itself and never runs their code)")

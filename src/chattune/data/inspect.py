@@ -78,7 +78,7 @@ def inspect(file: str, cfg: RunConfig, sample: int = 0, out=None, log=print) -> 
           + (f", {len(loaded.problems)} invalid skipped" if loaded.problems else ""), file=out)
     for line in loaded.skip_report(examples=20):
         print(line, file=out)
-    print(f"template: {template.name}, model: {cfg.model.path}", file=out)
+    print(f"template: {template.name} ({template.chosen_because}), model: {cfg.model.path}", file=out)
     legend = "trained tokens in green" if color else "trained tokens inside ⟦ ⟧"
     i = min(max(sample, 0), len(encoded) - 1)
     e = encoded[i]

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from chattune.errors import ModelError
+from chattune.errors import ModelError, remote_code_failure
+from chattune.models import native
 
 CONFIG = "config.json"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -34,11 +35,35 @@ def resolve_model_path(spec: str, log=print) -> str:
                          "weights (or use `bundled`)")
     if path.is_dir():
         read_config(path)
-        return str(path)
+        return _native(path, log)
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or ("/" not in spec and not _in_hub_cache(spec)):
         raise ModelError(f"model folder {spec} not found (not a folder here, nor a model in the Hugging Face "
                          "cache)\nfix: check model= (a folder, a hub id such as org/name, or `bundled`)")
+    cached = _hub_snapshot(spec)
+    if cached is not None and native.family_of(cached):
+        return _native(cached, log)
     return spec  # a hub id: transformers resolves it from the local HF cache (or the hub, where reachable)
+
+
+def _native(folder: Path, log) -> str:
+    """A ChatGLM2/3 or GLM-4 checkpoint (remote code that no longer runs) -> its converted native folder, made
+    once (models/native.py); any other folder as it is."""
+    if native.family_of(folder) is None:
+        return str(folder)
+    out = native.ensure_native(folder, log)
+    log(f"model: {folder} runs as transformers' GlmForCausalLM from its converted folder {out} (its own code is "
+        "never run, so model.trust_remote_code is not needed)")
+    return str(out)
+
+
+def _hub_snapshot(repo_id: str) -> Path | None:
+    """The local folder of a hub model already in the Hugging Face cache, or None (nothing is downloaded)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached (or not a valid id): transformers reports it when loading
+        return None
 
 
 def _in_hub_cache(repo_id: str) -> bool:
@@ -204,6 +229,9 @@ def _first_shape_mismatch(path: str, trust_remote_code: bool) -> str | None:
 
 
 def _load_error(path: str, e: Exception) -> ModelError:
+    failure = remote_code_failure(e)
+    if failure is not None:
+        return failure
     text = str(e).strip()
     first = text.splitlines()[0] if text else type(e).__name__
     if "trust_remote_code" in text:

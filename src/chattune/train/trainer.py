@@ -426,6 +426,7 @@ def load_for_training(cfg: RunConfig, precision: str, log=print, device: str | N
     model = load_model(path, load_dtype, cfg.model.trust_remote_code, cfg.model.attn_implementation,
                        **method.load_kwargs(cfg, load_dtype))
     template = get_template(cfg.template, tokenizer, model_type(path), generation_stop_ids(model))
+    log(f"template: {template.name} ({template.chosen_because})")
     return model, tokenizer, template, path
 
 
