@@ -7,10 +7,12 @@ default and the keys override them."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -25,7 +27,7 @@ from chattune.commands import serve as serve_command
 from chattune.errors import ModelError
 
 RECORDS = [{"instruction": f"say {w}", "output": w} for w in ("a", "bb")]
-CHAT_KEYS = "the keys that apply: model.trust_remote_code, model.attn_implementation"
+CHAT_KEYS = "the keys that apply: model.trust_remote_code, model.attn_implementation, model.revision"
 
 
 def chattune(*args, timeout=600):
@@ -234,3 +236,47 @@ def test_the_chat_cli_passes_trust_remote_code(remote_glm):
     assert "set model.trust_remote_code=true" in one_line_error(refused)
     r = chattune("chat", "--model", str(path), "--prompt", "hi", "--max-new-tokens", "2", "model.trust_remote_code=true")
     assert r.returncode == 0, r.stderr
+
+
+def _hub_cache_with(root, model_folder, repo="chattune-test/tiny", revisions=("main", "v1")) -> Path:
+    """A Hugging Face hub cache laid out as huggingface_hub writes it (refs/NAME -> a commit, snapshots/COMMIT/
+    files) holding `model_folder` at each revision: what `hf download org/name --revision v1` leaves behind."""
+    import shutil
+
+    cache = root / "hub"
+    repo_dir = cache / f"models--{repo.replace('/', '--')}"
+    for i, name in enumerate(revisions):
+        commit = f"{i + 1:040x}"
+        (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
+        (repo_dir / "refs" / name).write_text(commit)
+        shutil.copytree(model_folder, repo_dir / "snapshots" / commit)
+    return cache
+
+
+def test_model_revision_selects_a_cached_hub_revision_and_the_run_remembers_it(tiny, tmp_path, monkeypatch):
+    """model.revision reaches the hub lookup and from_pretrained: a tag only in the cache loads offline, an unknown
+    one fails with the model named; the trained run records it, and chat on the adapter uses it."""
+    root, model, data = tiny
+    cache = _hub_cache_with(tmp_path, model, revisions=("v1",))  # no `main`: only the revision finds it
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "chattune", "train", "lora", "model=chattune-test/tiny",
+                        "model.revision=v1", f"data.train={data}", f"output_dir={out}", "train.max_steps=1",
+                        "train.precision=fp32"], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((out / "chattune.json").read_text())["revision"] == "v1"
+    r = subprocess.run([sys.executable, "-m", "chattune", "chat", "--adapter", str(out), "--prompt", "hi",
+                        "--max-new-tokens", "2"], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([sys.executable, "-m", "chattune", "chat", "--model", "chattune-test/tiny", "--prompt", "hi",
+                        "--max-new-tokens", "2", "model.revision=v9"], capture_output=True, text=True, timeout=600,
+                       env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "hf download chattune-test/tiny --revision v9" in r.stderr
+
+
+def test_model_revision_on_a_local_folder_is_refused(tiny):
+    root, model, data = tiny
+    r = chattune("chat", "--model", str(model), "--prompt", "hi", "model.revision=v1")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"model.revision=v1 names a revision of a hub model, but model={model} is not a hub id" in r.stderr

@@ -25,6 +25,7 @@ class ModelConfig(_Section):
     trust_remote_code: bool = False
     load_in_8bit: bool = False
     attn_implementation: str | None = Field(None, description="e.g. sdpa, eager, flash_attention_2")
+    revision: str | None = Field(None, description="a hub model's branch, tag or commit (hub ids only)")
 
 
 class DataConfig(_Section):

@@ -60,11 +60,13 @@ def check_adapter(adapter: str) -> str:
 
 def load_tuned(adapter: str | None = None, model: str | None = None, template: str | None = None,
                trust_remote_code: bool | None = None, dtype: torch.dtype = torch.float32, log=print,
-               device_map: str | None = None, packed: bool = False, attn_implementation: str | None = None) -> Tuned:
+               device_map: str | None = None, packed: bool = False, attn_implementation: str | None = None,
+               revision: str | None = None) -> Tuned:
     """`device_map="auto"` spreads a large model over the visible GPUs (accelerate's big-model loading).
     `packed=True` (chat, serve: models that are only run) decodes the layers whose fp32 weights are exactly
     4-/8-bit blocks from those blocks (models/packed.py). `attn_implementation` (`model.attn_implementation`): the
-    model's attention, e.g. eager or sdpa (default: transformers' choice)."""
+    model's attention, e.g. eager or sdpa (default: transformers' choice). `revision` (`model.revision`): a hub
+    base model's revision (default: the one the run trained on)."""
     extra = {"device_map": device_map} if device_map else {}
     if adapter:
         if check_adapter(adapter) == FULL_MODEL:
@@ -76,24 +78,25 @@ def load_tuned(adapter: str | None = None, model: str | None = None, template: s
         base_spec = model or info.get("base_model") or adapter_cfg.get("base_model_name_or_path")
         if not base_spec:
             raise ModelError(f"{folder}: the adapter does not name its base model; give it with --model")
-        if info.get("model_spec") == "bundled" and not Path(base_spec).exists():
-            base_spec = "bundled"  # the cache moved: rebuild it
+        if not model and info.get("model_spec") and not Path(base_spec).exists():
+            base_spec = info["model_spec"]  # a cache folder (bundled, converted) that moved or was cleaned: remake it
         trust = info.get("trust_remote_code", False) if trust_remote_code is None else trust_remote_code
-        base_path = resolve_model_path(base_spec, log)
+        revision = info.get("revision") if revision is None and not model else revision
+        base_path = resolve_model_path(base_spec, log, revision)
         tok_source = folder if (folder / "tokenizer_config.json").exists() else Path(base_path)
-        tokenizer = load_tokenizer(str(tok_source), trust)
-        base = load_model(base_path, dtype, trust, attn_implementation, **extra)
+        tokenizer = load_tokenizer(str(tok_source), trust, revision)
+        base = load_model(base_path, dtype, trust, attn_implementation, revision, **extra)
         from peft import PeftModel
 
         net = PeftModel.from_pretrained(base, str(folder))
         mtype = model_type(base_path)
     else:
         spec = model or "bundled"
-        path = resolve_model_path(spec, log)
+        path = resolve_model_path(spec, log, revision)
         info = read_info(path) if Path(path).is_dir() else {}
         trust = info.get("trust_remote_code", False) if trust_remote_code is None else trust_remote_code
-        tokenizer = load_tokenizer(path, trust)
-        net = load_model(path, dtype, trust, attn_implementation, **extra)
+        tokenizer = load_tokenizer(path, trust, revision)
+        net = load_model(path, dtype, trust, attn_implementation, revision, **extra)
         mtype = model_type(path)
         folder = Path(path)
     net.eval()

@@ -35,6 +35,7 @@ MODEL_KEYS = {
     "model.trust_remote_code": "load a remote-code model (default: as the run did)",
     "model.attn_implementation": "the attention implementation: eager, sdpa, flash_attention_2, ... (default: the "
                                  "run's, else transformers' choice)",
+    "model.revision": "a hub model's branch, tag or commit (default: the one the run trained on)",
 }
 # The other `model.*` keys, refused with the reason.
 MODEL_HINTS = {
@@ -86,6 +87,8 @@ def model_config(command: str, adapter: str | None, model: str | None, overrides
         load["template"] = cfg.template
     if "model.trust_remote_code" in given:
         load["trust_remote_code"] = cfg.model.trust_remote_code
+    if "model.revision" in given:
+        load["revision"] = cfg.model.revision
     attention = cfg.model.attn_implementation
     if attention:
         check_attention(attention)

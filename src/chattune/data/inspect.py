@@ -32,8 +32,8 @@ def stop_ids_from_folder(path: str) -> list[int]:
 
 def tokenizer_and_template(cfg: RunConfig, log=print):
     """The run's tokenizer and chat template, from the model folder without loading its weights."""
-    path = resolve_model_path(cfg.model.path, log)
-    tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
+    path = resolve_model_path(cfg.model.path, log, cfg.model.revision)
+    tokenizer = load_tokenizer(path, cfg.model.trust_remote_code, cfg.model.revision)
     return tokenizer, get_template(cfg.template, tokenizer, model_type(path), stop_ids_from_folder(path))
 
 

@@ -138,11 +138,12 @@ def evaluate(adapter: str | None, model: str | None, data: str, metrics: str | l
              batch_size: int = 8, max_new_tokens: int = 256, limit: int | None = None, out: str | None = None,
              template: str | None = None, log=print, data_config=None, trust_remote_code: bool | None = None,
              dtype: torch.dtype = torch.float32, packed: bool = False, decode_step: bool = False,
-             attn_implementation: str | None = None) -> EvalResult:
+             attn_implementation: str | None = None, revision: str | None = None) -> EvalResult:
     """`data_config` (a config.DataConfig; `chattune eval` passes the run's, with its overrides) says how records
     are read and, for the loss metric, encoded; `template`, `trust_remote_code`, `dtype`, `packed`,
-    `attn_implementation` go to `load_tuned`. `decode_step`: generation decodes through chattune's own step where its start-up check passes
-    (models/decode_step.py). Both off by default, so predictions are transformers' own computation."""
+    `attn_implementation`, `revision` go to `load_tuned`. `decode_step`: generation decodes through chattune's own
+    step where its start-up check passes (models/decode_step.py). Both off by default, so predictions are
+    transformers' own computation."""
     from chattune.config import DataConfig
     from chattune.hardware import device_type, peak_memory_mb, reset_peak_memory
     from chattune.inference import check_adapter, load_tuned
@@ -155,7 +156,8 @@ def evaluate(adapter: str | None, model: str | None, data: str, metrics: str | l
                            default_system=d.system, log=log)  # bad data fails before the model loads
     device = device_type()
     tuned = load_tuned(adapter=adapter, model=model, template=template, trust_remote_code=trust_remote_code,
-                       dtype=dtype, log=log, packed=packed, attn_implementation=attn_implementation)
+                       dtype=dtype, log=log, packed=packed, attn_implementation=attn_implementation,
+                       revision=revision)
     step = False
     if decode_step:
         from chattune.models.decode_step import enable_for_generate

@@ -22,9 +22,16 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 FIX_FILES = "fix: re-download the model (or re-export it with `chattune export`) into that folder"
 
 
-def resolve_model_path(spec: str, log=print) -> str:
+def resolve_model_path(spec: str, log=print, revision: str | None = None) -> str:
     """`bundled` -> the cached HF folder of the default model; a local folder must hold a readable config.json;
-    anything else is a hub id, used when it is in the Hugging Face cache (or, as org/name, reachable)."""
+    anything else is a hub id, used when it is in the Hugging Face cache (or, as org/name, reachable), at
+    `revision` (model.revision: a branch, tag or commit) where given."""
+    if revision and (spec in ("bundled", "", None) or Path(spec).expanduser().exists()):
+        from chattune.errors import ConfigError
+
+        raise ConfigError(f"model.revision={revision} names a revision of a hub model, but model={spec or 'bundled'} "
+                          "is not a hub id\nfix: check that revision out into the folder (or give model=org/name), "
+                          "and leave model.revision out")
     if spec in ("bundled", "", None):
         from chattune.models.bundled import ensure_bundled_model
 
@@ -36,10 +43,11 @@ def resolve_model_path(spec: str, log=print) -> str:
     if path.is_dir():
         read_config(path)
         return _native(path, log)
-    if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or ("/" not in spec and not _in_hub_cache(spec)):
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or ("/" not in spec and not _in_hub_cache(spec,
+                                                                                                     revision)):
         raise ModelError(f"model folder {spec} not found (not a folder here, nor a model in the Hugging Face "
                          "cache)\nfix: check model= (a folder, a hub id such as org/name, or `bundled`)")
-    cached = _hub_snapshot(spec)
+    cached = _hub_snapshot(spec, revision)
     if cached is not None and native.family_of(cached):
         return _native(cached, log)
     return spec  # a hub id: transformers resolves it from the local HF cache (or the hub, where reachable)
@@ -56,21 +64,21 @@ def _native(folder: Path, log) -> str:
     return str(out)
 
 
-def _hub_snapshot(repo_id: str) -> Path | None:
+def _hub_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
     """The local folder of a hub model already in the Hugging Face cache, or None (nothing is downloaded)."""
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo_id, local_files_only=True))
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
     except Exception:  # noqa: BLE001 - not cached (or not a valid id): transformers reports it when loading
         return None
 
 
-def _in_hub_cache(repo_id: str) -> bool:
+def _in_hub_cache(repo_id: str, revision: str | None = None) -> bool:
     try:
         from huggingface_hub import try_to_load_from_cache
 
-        return isinstance(try_to_load_from_cache(repo_id, CONFIG), str)
+        return isinstance(try_to_load_from_cache(repo_id, CONFIG, revision=revision), str)
     except Exception:  # noqa: BLE001 - an invalid repo id is simply not cached
         return False
 
@@ -153,17 +161,23 @@ def config_vocab_size(config: dict) -> int | None:
     return None
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False):
+def _revision(path: str, revision: str | None) -> dict:
+    """from_pretrained's `revision=` for a hub id; a local folder (a converted or cached one) has no revisions."""
+    return {"revision": revision} if revision and not Path(path).is_dir() else {}
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | None = None):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                            **_revision(path, revision))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         folder = Path(path)
         if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
             raise ModelError(f"model folder {path} has no tokenizer files (tokenizer.json, tokenizer_config.json, "
                              "tokenizer.model)\nfix: copy the tokenizer files that came with the model into it") from None
-        raise _load_error(path, e) from None
+        raise _load_error(path, e, revision) from None
     if Path(path, CONFIG).is_file():
         rows = config_vocab_size(read_config(path))
         if rows is not None and len(tok) > rows:
@@ -178,7 +192,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 
 def load_model(path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
-               attn_implementation: str | None = None, **kwargs):
+               attn_implementation: str | None = None, revision: str | None = None, **kwargs):
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
@@ -187,10 +201,11 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, trust_remote_code:
         check_weights(path)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    kwargs.update(_revision(path, revision))
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
-        raise _load_error(path, e) from None
+        raise _load_error(path, e, revision) from None
     except RuntimeError as e:  # config.json and the weights disagree on a shape
         if "mismatch" not in str(e):
             raise
@@ -228,7 +243,7 @@ def _first_shape_mismatch(path: str, trust_remote_code: bool) -> str | None:
     return None
 
 
-def _load_error(path: str, e: Exception) -> ModelError:
+def _load_error(path: str, e: Exception, revision: str | None = None) -> ModelError:
     failure = remote_code_failure(e)
     if failure is not None:
         return failure
@@ -237,9 +252,10 @@ def _load_error(path: str, e: Exception) -> ModelError:
     if "trust_remote_code" in text:
         return ModelError(f"model {path} ships its own code; if you trust it, set model.trust_remote_code=true")
     if not Path(path).exists():
-        return ModelError(f"cannot load model {path!r}: not a local folder and not in the Hugging Face cache "
-                          f"({first}).\nfix: download it first (`hf download {path}`) or give a local folder: "
-                          "model=PATH")
+        at = f" --revision {revision}" if revision else ""
+        return ModelError(f"cannot load model {path!r}{f' at revision {revision}' if revision else ''}: not a local "
+                          f"folder and not in the Hugging Face cache ({first}).\nfix: download it first "
+                          f"(`hf download {path}{at}`) or give a local folder: model=PATH")
     return ModelError(f"cannot load model from {path}: {first}\n{FIX_FILES}")
 
 

@@ -417,13 +417,13 @@ def load_for_training(cfg: RunConfig, precision: str, log=print, device: str | N
     """Tokenizer, template and model for `cfg`, the method not yet applied. Returns (model, tokenizer, template,
     model_path)."""
     method = get_method(cfg.method)
-    path = resolve_model_path(cfg.model.path, log)
-    tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
+    path = resolve_model_path(cfg.model.path, log, cfg.model.revision)
+    tokenizer = load_tokenizer(path, cfg.model.trust_remote_code, cfg.model.revision)
     # Adapter methods never update the base weights, so they need no fp32 master copy: load them in the training
     # precision (on CPU too: autocast would otherwise re-cast every frozen weight to bf16 at every step, ~10% of a
     # LoRA step, and keep both copies in memory). Methods that train base weights keep fp32 master weights.
     load_dtype = torch.float32 if method.trains_base_weights else torch_dtype(precision)
-    model = load_model(path, load_dtype, cfg.model.trust_remote_code, cfg.model.attn_implementation,
+    model = load_model(path, load_dtype, cfg.model.trust_remote_code, cfg.model.attn_implementation, cfg.model.revision,
                        **method.load_kwargs(cfg, load_dtype))
     template = get_template(cfg.template, tokenizer, model_type(path), generation_stop_ids(model))
     log(f"template: {template.name} ({template.chosen_because})")
@@ -637,6 +637,7 @@ def start_output_dir(run: PreparedRun, log=print) -> None:
         metrics_path.unlink(missing_ok=True)
     outputs.write_info(out, {"chattune_version": __version__, "base_model": run.model_path,
                              "model_spec": run.cfg.model.path, "trust_remote_code": run.cfg.model.trust_remote_code,
+                             "revision": run.cfg.model.revision,
                              "method": run.cfg.method, "template": run.cfg.template,
                              "full_model": run.method.saves_full_model, "precision": run.precision})
 
