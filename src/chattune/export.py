@@ -16,16 +16,14 @@ leaves no half-written DIR2.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from chattune.data.jinja import write_generation_config, write_template_files
 from chattune.errors import ModelError
 from chattune.inference import load_tuned
-from chattune.outputs import ADAPTER, ADAPTER_CONFIG, FULL_MODEL, TRAINING_ONLY_FILES, artefact_kind, read_info, \
-    write_info
+from chattune.outputs import ADAPTER, ADAPTER_CONFIG, FULL_MODEL, TRAINING_ONLY_FILES, artefact_kind, atomic_folder, \
+    read_info, write_info
 
 
 def _prompt_learning(adapter_cfg: dict) -> bool:
@@ -64,9 +62,7 @@ def export(adapter_dir: str | Path, out_dir: str | Path, log=print) -> Path:
     if not src.is_dir():
         raise ModelError(f"--adapter {src}: no such folder")
     _check_out(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
-    try:
+    with atomic_folder(out, "export") as tmp:  # out is absent or an empty folder (checked above)
         info = read_info(src)
         kind = artefact_kind(src)
         if kind == ADAPTER:
@@ -87,10 +83,6 @@ def export(adapter_dir: str | Path, out_dir: str | Path, log=print) -> Path:
         else:
             raise ModelError(f"--adapter {src}: neither an adapter (adapter_config.json) nor a model (config.json); "
                              "point it at a chattune output_dir or a checkpoint-N folder in it")
-        os.replace(tmp, out)  # out is absent or an empty folder (checked above)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"exported to {out}")
     return out
 

@@ -104,11 +104,6 @@ def cpu_kind() -> tuple[str, str]:
     return detected_cpu_kind(), "detected"
 
 
-def cpu_bf16_instructions() -> str | None:
-    """The CPU's native bf16 matmul instructions (`amx_bf16` or `avx512_bf16`), or None; follows CHATTUNE_CPU_KIND."""
-    return {"amx": "amx_bf16", "avx512_bf16": "avx512_bf16"}.get(cpu_kind()[0])
-
-
 @functools.lru_cache(maxsize=None)
 def cpu_bf16_speedup(rounds: int = 5) -> float:
     """bf16 / fp32 matmul throughput ratio on this CPU: the best of `rounds` short timings of each (~0.2 s where

@@ -11,6 +11,7 @@ a folder without the marker, which `resume=auto` skips and `resume=PATH` refuses
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -93,6 +94,21 @@ def is_finished_run(folder: str | Path) -> bool:
         return not json.loads(path.read_text(encoding="utf-8")).get("stopped_early", False)
     except ValueError:
         return False
+
+
+@contextlib.contextmanager
+def atomic_folder(out: str | Path, prefix: str = "tmp"):
+    """Yield a new empty folder beside `out` to write into; on success it becomes `out` (which must be absent or an
+    empty folder: the caller checks), on any error it is removed, so `out` is either complete or absent."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{prefix}-", dir=out.parent))
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -42,22 +42,23 @@ def resolve_model_path(spec: str, log=print, revision: str | None = None) -> str
                          "weights (or use `bundled`)")
     if path.is_dir():
         read_config(path)
-        return _native(path, log)
+        return _native(path, log) or str(path)
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or ("/" not in spec and not _in_hub_cache(spec,
                                                                                                      revision)):
         raise ModelError(f"model folder {spec} not found (not a folder here, nor a model in the Hugging Face "
                          "cache)\nfix: check model= (a folder, a hub id such as org/name, or `bundled`)")
     cached = _hub_snapshot(spec, revision)
-    if cached is not None and native.family_of(cached):
-        return _native(cached, log)
+    converted = _native(cached, log) if cached is not None else None
+    if converted:
+        return converted
     return spec  # a hub id: transformers resolves it from the local HF cache (or the hub, where reachable)
 
 
-def _native(folder: Path, log) -> str:
+def _native(folder: Path, log) -> str | None:
     """A ChatGLM2/3 or GLM-4 checkpoint (remote code that no longer runs) -> its converted native folder, made
-    once (models/native.py); any other folder as it is."""
+    once (models/native.py); None for any other folder."""
     if native.family_of(folder) is None:
-        return str(folder)
+        return None
     out = native.ensure_native(folder, log)
     log(f"model: {folder} runs as transformers' GlmForCausalLM from its converted folder {out} (its own code is "
         "never run, so model.trust_remote_code is not needed)")

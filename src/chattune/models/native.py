@@ -19,12 +19,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from chattune.errors import ModelError
+from chattune.outputs import atomic_folder
 
 CONVERTER_VERSION = 1
 MARKER = "chattune-native.json"
@@ -108,19 +107,12 @@ def write_native(src: Path, out: Path, log=print) -> Path:
     if kind is None:
         raise ModelError(f"{src}: no ChatGLM2/ChatGLM3/GLM-4 tokenizer found (tokenizer.model or tokenizer.tiktoken "
                          "with tokenizer_config.json)\nfix: copy the tokenizer files that came with the model into it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
-    try:
-        convert_folder(src, staging / "model", log=log)
-        tokenizer = convert_tokenizer(src, staging / "model")
-        _stop_on_the_template(staging / "model", tokenizer, BUILTIN[kind]())
-        (staging / "model" / MARKER).write_text(json.dumps(
+    with atomic_folder(out, "native") as tmp:
+        convert_folder(src, tmp, log=log)  # into the empty staging folder
+        tokenizer = convert_tokenizer(src, tmp)
+        _stop_on_the_template(tmp, tokenizer, BUILTIN[kind]())
+        (tmp / MARKER).write_text(json.dumps(
             {"source": str(src.resolve()), "family": kind, "converter": CONVERTER_VERSION}, indent=2) + "\n")
-        if out.exists():
-            out.rmdir()
-        os.replace(staging / "model", out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 

@@ -30,13 +30,11 @@ elsewhere and nothing else from the source folder (remote code, README, tokenize
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 from chattune.errors import ModelError
+from chattune.outputs import atomic_folder
 
 ROPE_BASE = 10000.0
 # Markers of the first ChatGLM-6B generation (GLM v1: 2D positions, GELU MLP, its own layout), which this does not
@@ -353,9 +351,7 @@ def convert_folder(src: Path, out: Path, log=print) -> Path:
     glm = glm_config(config, generation_config=gen.to_dict(), rope_ratio_mode=_rope_ratio_mode_of(src))
     shards = _weight_shards(src)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_folder(out, "tmp") as tmp:  # out is absent or an empty folder (checked above)
         weight_map: dict[str, str] = {}
         total = 0
         for i, shard in enumerate(tqdm(shards, desc="converting to Glm", unit="shard", leave=False)):
@@ -379,9 +375,5 @@ def convert_folder(src: Path, out: Path, log=print) -> Path:
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         glm.save_pretrained(tmp)
         gen.save_pretrained(tmp)
-        os.replace(tmp, out)  # out is absent or an empty folder (checked above)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"converted {src} ({len(shards)} shard{'s' * (len(shards) > 1)}) to GlmForCausalLM in {out}")
     return out
