@@ -108,11 +108,12 @@ def write_native(src: Path, out: Path, log=print) -> Path:
         raise ModelError(f"{src}: no ChatGLM2/ChatGLM3/GLM-4 tokenizer found (tokenizer.model or tokenizer.tiktoken "
                          "with tokenizer_config.json)\nfix: copy the tokenizer files that came with the model into it")
     with atomic_folder(out, "native") as tmp:
-        convert_folder(src, tmp, log=log)  # into the empty staging folder
+        convert_folder(src, tmp, log=lambda message: None)  # its line would name the staging folder, not `out`
         tokenizer = convert_tokenizer(src, tmp)
         _stop_on_the_template(tmp, tokenizer, BUILTIN[kind]())
         (tmp / MARKER).write_text(json.dumps(
             {"source": str(src.resolve()), "family": kind, "converter": CONVERTER_VERSION}, indent=2) + "\n")
+    log(f"converted {src} ({kind}) to transformers' GlmForCausalLM and a fast tokenizer in {out}")
     return out
 
 
