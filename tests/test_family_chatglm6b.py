@@ -217,6 +217,38 @@ def test_cached_forward_needs_positions(models):
             model(input_ids=torch.tensor([[40]]), past_key_values=out.past_key_values)
 
 
+def _cache_of(layers):
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(layers):
+        cache.update(k, v, i)
+    return cache
+
+
+def test_a_ptuning_prefix_is_seen_by_every_token_and_positions_ignore_it(models):
+    """With a prefix in the cache (P-tuning v2, as the official code does with pre_seq_len): positions come from the
+    input ids alone, the prompt still attends bidirectionally, and every token sees the prefix. A prefix whose
+    columns are masked out gives exactly the logits without one; a visible prefix changes every position."""
+    model = models["untied"]
+    ids = torch.tensor([IDS])
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        hidden = model(input_ids=ids, past_key_values=_cache_of([(k, v) for k, v in _layers(model, 3)]),
+                       attention_mask=torch.tensor([[0] * 3 + [1] * len(IDS)]), use_cache=False).logits
+        seen = model(input_ids=ids, past_key_values=_cache_of(_layers(model, 3)),
+                     attention_mask=torch.ones(1, 3 + len(IDS), dtype=torch.long), use_cache=False).logits
+    torch.testing.assert_close(hidden, plain, atol=1e-5, rtol=0)
+    assert bool(((seen - plain).abs().amax(-1) > 1e-3).all())  # every position, the prompt's first one included
+
+
+def _layers(model, n: int):
+    c = model.config
+    g = torch.Generator().manual_seed(7)
+    shape = (1, c.num_attention_heads, n, c.hidden_size // c.num_attention_heads)
+    return [(torch.randn(shape, generator=g), torch.randn(shape, generator=g)) for _ in range(c.num_layers)]
+
+
 @pytest.mark.parametrize("kind", ["untied", "tied"])
 def test_save_and_auto_from_pretrained_without_remote_code(models, kind, tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM

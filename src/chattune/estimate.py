@@ -100,12 +100,10 @@ def read_model_config(spec: str) -> tuple[dict, str]:
 
 
 def stand_in_config(raw: dict):
-    """A transformers config for `raw`; remote-code architectures become the native one of the same shapes:
-    ChatGLM2/3 and GLM-4 (`padded_vocab_size`) -> Glm (GLM-4's own transformers port); ChatGLM-6B (v1,
-    `inner_hidden_size`) -> GPT-NeoX (fused qkv with bias, 2-matrix GeLU MLP, LayerNorm, the head tied to the
-    word embeddings: the same tensors); TransNormerLLM -> Llama with its dimensions (its extra attention gate, one hidden x hidden matrix per
-    layer, about 7% of the weights, is not counted)."""
-    from transformers import AutoConfig, GlmConfig, GPTNeoXConfig, LlamaConfig
+    """A transformers config for `raw`. Remote-code architectures: ChatGLM2/3 and GLM-4 (`padded_vocab_size`) ->
+    Glm (GLM-4's own transformers port, as chattune converts them); ChatGLM-6B (v1, `inner_hidden_size`) and
+    TransNormerLLM -> chattune's own models of them (models/families/), the module trees that train."""
+    from transformers import AutoConfig, GlmConfig
 
     raw = {k: v for k, v in raw.items() if not k.startswith("_")}
     mtype = raw.get("model_type")
@@ -117,15 +115,20 @@ def stand_in_config(raw: dict):
                          num_attention_heads=heads, num_key_value_heads=kv,
                          head_dim=raw.get("kv_channels", raw["hidden_size"] // heads),
                          attention_bias=raw.get("add_qkv_bias", False), tie_word_embeddings=False, pad_token_id=0)
-    if mtype == "chatglm":
-        return GPTNeoXConfig(vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"],
-                             intermediate_size=raw.get("inner_hidden_size", 4 * raw["hidden_size"]),
-                             num_hidden_layers=raw["num_layers"], num_attention_heads=raw["num_attention_heads"],
-                             tie_word_embeddings=True)  # ChatGLM-6B's head shares the word embeddings
-    if mtype == "transnormer":
-        return LlamaConfig(vocab_size=raw["vocab_size"], hidden_size=raw["decoder_embed_dim"],
-                           intermediate_size=raw["glu_dim"], num_hidden_layers=raw["decoder_layers"],
-                           num_attention_heads=raw["decoder_attention_heads"], tie_word_embeddings=False)
+    if mtype == "chatglm":  # ChatGLM-6B (GLM v1): chattune's own model of it, the real module tree
+        from chattune.models.families.chatglm6b import config_from_published
+
+        try:
+            return config_from_published(raw)
+        except ValueError as e:
+            raise ConfigError(f"estimate: {e}") from None
+    if mtype == "transnormer":  # chattune's own TransNormerLLM model, the real module tree
+        from chattune.models.families.transnormer import config_from_published as transnormer_config
+
+        try:
+            return transnormer_config(raw)
+        except ValueError as e:
+            raise ConfigError(f"estimate: {e}") from None
     try:
         return AutoConfig.for_model(mtype, **{k: v for k, v in raw.items() if k != "model_type"})
     except (ValueError, KeyError, TypeError):

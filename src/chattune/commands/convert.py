@@ -1,6 +1,8 @@
-"""`chattune convert SRC OUT`: a ChatGLM2/3 or GLM-4 checkpoint as a native transformers folder."""
+"""`chattune convert SRC OUT`: a seed checkpoint (ChatGLM-6B, ChatGLM2/3, GLM-4) as a folder that runs without its
+remote code."""
 
-HELP = "convert a ChatGLM2/ChatGLM3/GLM-4 checkpoint into a transformers GlmForCausalLM folder (no remote code)"
+HELP = ("convert a ChatGLM-6B/ChatGLM2/ChatGLM3/GLM-4 checkpoint into a folder that runs without its remote code "
+        "(GLM2/3/4: transformers' GlmForCausalLM; ChatGLM-6B: chattune's own model)")
 
 
 def configure(p) -> None:
@@ -21,9 +23,13 @@ def run(args) -> int:
         raise ModelError(f"{src} is not a folder\nfix: give the checkpoint folder that holds config.json")
     config = read_config(src)
     if native.family_of(src) is None:
-        raise ModelError(f"{src} is not a ChatGLM2/ChatGLM3/GLM-4 checkpoint (model_type {config['model_type']!r}); "
-                         "convert only rewrites those\nfix: use the folder as it is: model=" + str(src))
+        raise ModelError(f"{src} is not a ChatGLM-6B/ChatGLM2/ChatGLM3/GLM-4 checkpoint (model_type "
+                         f"{config['model_type']!r}); convert only rewrites those\nfix: use the folder as it is: "
+                         f"model={src}")
+    family = native.family_of(src)
     out = native.write_native(src, Path(args.out), log)
-    log(f"converted: {out} loads with plain transformers (AutoModelForCausalLM, AutoTokenizer), no "
-        "trust_remote_code; use it as model=" + str(out))
+    where = ("with plain transformers" if family == "glm" else
+             "with transformers once chattune is imported (it registers the model type)")
+    log(f"converted: {out} loads {where} (AutoModelForCausalLM, AutoTokenizer), no trust_remote_code; use it as "
+        f"model={out}")
     return 0

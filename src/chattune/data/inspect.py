@@ -92,7 +92,7 @@ def inspect(file: str, cfg: RunConfig, sample: int = 0, out=None, log=print) -> 
     print(render_labels(tokenizer, e.input_ids, e.labels, color), file=out)
     print("--- end of sample ---\n", file=out)
     trained = [sum(x != IGNORE for x in encoded[k].labels) for k in kept] or [0]
-    q = statistics.quantiles(lengths, n=20) if len(lengths) >= 2 else [lengths[0]] * 19
+    q = statistics.quantiles(lengths, n=20, method="inclusive") if len(lengths) >= 2 else [lengths[0]] * 19
     report = {"records": len(lengths), "min": min(lengths), "median": statistics.median(lengths),
               "p95": round(q[18], 1), "max": max(lengths), "mean_trained": round(statistics.mean(trained), 1),
               "max_length": d.max_length, "over_max_length": stats.truncated, "dropped": stats.dropped,

@@ -269,6 +269,56 @@ _CHATGLM2 = _COMMON + _GLM_CONTENT + r"""
 {%- endfor %}
 """
 
+# ChatGLM-6B: a lone question is the bare query, more rounds `[Round i]\n问：...\n答：...\n` from 0; `[gMASK]<sop>`
+# follow the prompt, then the last answer (tokenized on its own) and `<eop>`.
+_CHATGLM6B = _COMMON + _GLM_CONTENT + r"""
+{%- if system is not none or tools %}
+    {{- raise_exception('ChatGLM-6B has no system prompt and no tools') }}
+{%- endif %}
+{%- set ns = namespace(round=0, users=0) %}
+{%- for m in chat %}
+    {%- if m.role == 'user' %}
+        {%- set ns.users = ns.users + 1 %}
+    {%- endif %}
+{%- endfor %}
+{%- for m in chat %}
+    {%- if m.role == 'user' and ns.users == 1 %}
+        {{- m.content }}
+    {%- elif m.role == 'user' %}
+        {{- '[Round ' + (ns.round | string) + ']\n问：' + m.content + '\n答：' }}
+        {%- set ns.round = ns.round + 1 %}
+    {%- elif m.role == 'assistant' and not loop.last %}
+        {{- m.content + '\n' }}
+    {%- elif m.role == 'assistant' %}
+        {{- '[gMASK]<sop>' + content(m.content) + @FINAL@ }}
+    {%- else %}
+        {{- raise_exception('ChatGLM-6B takes user and assistant turns only, not ' + m.role) }}
+    {%- endif %}
+{%- endfor %}
+{%- if chat and chat[-1].role == 'user' %}
+    {{- '[gMASK]<sop>' }}
+{%- endif %}
+"""
+
+# TransNormerLLM: `{system}\n`, then `Human:\n...\nAssistant:\n` and each answer (tokenized on its own) with `</s>`.
+_TRANSNORMER = _COMMON + _GLM_CONTENT + r"""
+{%- if tools %}
+    {{- raise_exception('TransNormerLLM has no tool format') }}
+{%- endif %}
+{%- if system is not none %}
+    {{- system + '\n' }}
+{%- endif %}
+{%- for m in chat %}
+    {%- if m.role == 'user' %}
+        {{- 'Human:\n' + m.content + '\nAssistant:\n' }}
+    {%- elif m.role == 'assistant' %}
+        {{- content(m.content) + @FINAL@ }}
+    {%- else %}
+        {{- raise_exception('TransNormerLLM takes user and assistant turns only, not ' + m.role) }}
+    {%- endif %}
+{%- endfor %}
+"""
+
 _CHATGLM3 = _COMMON + _GLM_CONTENT + r"""
 {%- macro call_body(args) %}
     {{- content('```python\ntool_call(') }}
@@ -312,13 +362,17 @@ def chat_template_jinja(template: Template, tokenizer=None) -> str:
         return _fill(_LLAMA3, LLAMA31_SYSTEM_HEADER=LLAMA31_SYSTEM_HEADER, LLAMA31_TOOLS_INTRO=LLAMA31_TOOLS_INTRO)
     if template.name == "chatglm2":
         return _fill(_CHATGLM2, FINAL=template.eos, PREFIX=content_prefix(tokenizer))
+    if template.name == "transnormer":
+        return _fill(_TRANSNORMER, FINAL=template.eos, PREFIX=content_prefix(tokenizer))
+    if template.name == "chatglm6b":
+        return _fill(_CHATGLM6B, FINAL=template.eos, PREFIX=content_prefix(tokenizer))
     if isinstance(template, GLMTemplate) and template.name in ("glm4", "chatglm3"):
         prefix = content_prefix(tokenizer)
         if template.name == "glm4":
             return _fill(_GLM4, GLM4_PERSONA=GLM4_PERSONA, FINAL=template.final, PREFIX=prefix)
         return _fill(_CHATGLM3, CHATGLM3_TOOLS_PROMPT=CHATGLM3_TOOLS_PROMPT, FINAL=template.final, PREFIX=prefix)
     raise ConfigError(f"template `{template.name}` has no jinja form; use one of: auto, chatml, llama3, glm4, "
-                      "chatglm3, chatglm2")
+                      "chatglm3, chatglm2, chatglm6b, transnormer")
 
 
 def write_template_files(folder: str | Path, template: Template, tokenizer) -> Path:

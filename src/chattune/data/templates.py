@@ -5,7 +5,8 @@ and `stop_tokens`), so the model is prompted at inference exactly as it was trai
 
 - `auto` (default): the tokenizer's own jinja `chat_template`, split into prompt and answer by rendering
   prefixes of the conversation (see `JinjaTemplate`).
-- built-ins with exact strings: `chatml`, `chatglm2`, `chatglm3`, `glm4`, `llama3`. For the ChatGLM family `auto`
+- built-ins with exact strings: `chatml`, `chatglm6b`, `chatglm2`, `chatglm3`, `glm4`, `llama3`, `transnormer`.
+  For the ChatGLM family and TransNormerLLM `auto`
   picks the family's built-in even when the tokenizer has a jinja template (see `get_template`).
 
 Every trained assistant turn includes the token that stops generation (`<|im_end|>`, `<|eot_id|>`, the next
@@ -325,13 +326,14 @@ class ChatGLM2Template(Template):
     name = "chatglm2"
     prefix = ["[gMASK]", "sop"]
     eos = "</s>"
+    family = "ChatGLM2"
 
     def _rounds(self, conv: Conversation) -> list[tuple[str, Message | None]]:
         problems = []
         if conv.system is not None:
-            problems.append(f"{conv.source}: system: ChatGLM2 has no system prompt")
+            problems.append(f"{conv.source}: system: {self.family} has no system prompt")
         if conv.tools:
-            problems.append(f"{conv.source}: tools: ChatGLM2 has no tool format")
+            problems.append(f"{conv.source}: tools: {self.family} has no tool format")
         rounds: list[tuple[str, Message | None]] = []
         for m in conv.messages:
             if m.role == "user" and (not rounds or rounds[-1][1] is not None):
@@ -339,11 +341,11 @@ class ChatGLM2Template(Template):
             elif m.role == "assistant" and m.tool_call is None and rounds and rounds[-1][1] is None:
                 rounds[-1] = (rounds[-1][0], m)
             else:
-                problems.append(f"{conv.source}: role {m.role!r}: ChatGLM2 takes alternating user/assistant turns "
+                problems.append(f"{conv.source}: role {m.role!r}: {self.family} takes alternating user/assistant turns "
                                 "(no tool calls or results)")
                 break
         if problems:
-            raise DataError(problems, "fix: drop the system prompt and tool turns for ChatGLM2, or use a model "
+            raise DataError(problems, f"fix: drop the system prompt and tool turns for {self.family}, or use a model "
                                       "with a tool format (template=chatglm3 or glm4)")
         return rounds
 
@@ -359,6 +361,80 @@ class ChatGLM2Template(Template):
         if answered:
             last = rounds[-1][1]
             out += [Piece(last.content, last.train, keep=True), Piece(self.eos, last.train, special=True)]
+        return _merge(out)
+
+    def stop_tokens(self, tokenizer) -> list[int]:
+        return _ids(tokenizer, [self.eos])
+
+    def parse_assistant(self, text: str) -> tuple[str, list[dict]]:
+        return _strip_stops(text, [self.eos]), []
+
+
+class ChatGLM6BTemplate(ChatGLM2Template):
+    """ChatGLM-6B (GLM v1), as its `chat()` and its official finetune (ptuning/main.py) build a sample: a first
+    question alone is the bare query; with earlier rounds, the prompt is `[Round i]\n问：{query}\n答：{answer}\n`
+    for each of them (counting from 0) and `[Round n]\n问：{query}\n答：` for the last. Then `[gMASK]` and
+    `<sop>` FOLLOW the prompt (GLM v1 attends bidirectionally over everything before `<sop>`), the answer is
+    tokenized on its own and ends with `<eop>`. No system prompt, no tools.
+
+    As in ptuning/main.py (`labels = [-100] * context_length + input_ids[context_length:]`), the trained labels
+    start at `<sop>`: the model learns `[gMASK] -> <sop>`, then the answer and `<eop>`. Earlier answers are part
+    of the prompt (bidirectional context), so only the last answer is trained, as for ChatGLM2."""
+
+    name = "chatglm6b"
+    eos = "<eop>"
+    family = "ChatGLM-6B"
+
+    def pieces(self, conv: Conversation, add_generation_prompt: bool = False) -> list[Piece]:
+        rounds = self._rounds(conv)
+        answered = rounds and rounds[-1][1] is not None and not add_generation_prompt
+        open_rounds = rounds if not answered else rounds[:-1] + [(rounds[-1][0], None)]
+        if len(open_rounds) == 1 and open_rounds[0][1] is None:
+            prompt = open_rounds[0][0]
+        else:
+            prompt = ""
+            for i, (query, answer) in enumerate(open_rounds):
+                prompt += f"[Round {i}]\n问：{query}\n答："
+                if answer is not None:
+                    prompt += answer.content + "\n"
+        train = answered and rounds[-1][1].train
+        out = [Piece(prompt), Piece("[gMASK]", special=True), Piece("<sop>", train, special=True)]
+        if answered:
+            last = rounds[-1][1]
+            out += [Piece(last.content, last.train, keep=True), Piece(self.eos, last.train, special=True)]
+        return _merge(out)
+
+
+class TransNormerTemplate(Template):
+    """TransNormerLLM (OpenNLPLab), as its publisher's fine-tune script (fine-tune/train.py) lays out a sample: the
+    prompt `Human:\n{query}\nAssistant:\n` and the answer tokenized on its own, followed by eos `</s>` (the script
+    appends the eos as text; here it is the eos token itself, the token generation stops on). The script puts an
+    instruction that has an input in front of the prompt (`{instruction}\nHuman:\n{input}\n...`); here that place
+    is the system prompt's (`{system}\n`), and an alpaca record's instruction and input form the question as for
+    every template. Further rounds follow the eos with the next `Human:`; every answer is trained. No tools."""
+
+    name = "transnormer"
+    eos = "</s>"
+
+    def pieces(self, conv: Conversation, add_generation_prompt: bool = False) -> list[Piece]:
+        problems = []
+        if conv.tools:
+            problems.append(f"{conv.source}: tools: TransNormerLLM has no tool format")
+        expect = "user"
+        for m in conv.messages:
+            if m.role != expect or m.tool_call is not None:
+                problems.append(f"{conv.source}: role {m.role!r}: TransNormerLLM takes alternating user/assistant "
+                                "turns (no tool calls or results)")
+                break
+            expect = "assistant" if expect == "user" else "user"
+        if problems:
+            raise DataError(problems, "fix: drop the tool turns for TransNormerLLM")
+        out = [Piece(conv.system + "\n")] if conv.system is not None else []
+        for m in conv.messages:
+            if m.role == "user":
+                out.append(Piece(f"Human:\n{m.content}\nAssistant:\n"))
+            else:
+                out += [Piece(m.content, m.train, keep=True), Piece(self.eos, m.train, special=True)]
         return _merge(out)
 
     def stop_tokens(self, tokenizer) -> list[int]:
@@ -633,8 +709,9 @@ def _merge(pieces: list[Piece]) -> list[Piece]:
     return out
 
 
-BUILTIN = {"chatml": ChatMLTemplate, "chatglm2": ChatGLM2Template, "chatglm3": ChatGLM3Template,
-           "glm4": GLM4Template, "llama3": Llama3Template}
+BUILTIN = {"chatml": ChatMLTemplate, "chatglm6b": ChatGLM6BTemplate, "chatglm2": ChatGLM2Template,
+           "chatglm3": ChatGLM3Template, "glm4": GLM4Template, "llama3": Llama3Template,
+           "transnormer": TransNormerTemplate}
 TEMPLATE_NAMES = ("auto", *BUILTIN)
 
 
@@ -647,14 +724,14 @@ def _has_token(tokenizer, token: str) -> bool:
 
 
 def glm_family(tokenizer, model_type: str | None = None) -> tuple[str | None, str]:
-    """("chatglm2" | "chatglm3" | "glm4" | None, the evidence) from the tokenizer and config model_type.
+    """("chatglm6b" | "chatglm2" | "chatglm3" | "glm4" | None, the evidence) from the tokenizer and config model_type.
 
     A tokenizer chattune converted says so in its config (`chattune_glm_family`). Otherwise only a tokenizer of
     class ChatGLM*Tokenizer or a model of model_type chatglm/glm/glm4 with a `[gMASK]` token counts. Then GLM-4
     has `<sop>`, ChatGLM3 `sop` and `<|user|>`, ChatGLM2 `sop` and no role tokens."""
     cls = type(tokenizer).__name__ if tokenizer is not None else ""
     marked = (getattr(tokenizer, "init_kwargs", None) or {}).get("chattune_glm_family")
-    if marked in ("chatglm2", "chatglm3", "glm4"):  # written by chattune's conversion (glm_tokenizer.py)
+    if marked in ("chatglm6b", "chatglm2", "chatglm3", "glm4"):  # written by chattune's conversion (families/)
         return marked, f"the tokenizer was converted by chattune from a {marked} tokenizer"
     glm_type = (model_type or "") in ("chatglm", "glm", "glm4")
     if tokenizer is None or not (glm_type or "ChatGLM" in cls) or not _has_token(tokenizer, "[gMASK]"):
@@ -680,6 +757,10 @@ def get_template(name: str, tokenizer=None, model_type: str | None = None,
         return _chosen(BUILTIN[name](), f"template={name}")
     if name != "auto":
         raise ConfigError(f"unknown template `{name}`; choose one of: {', '.join(TEMPLATE_NAMES)}")
+    marked = (getattr(tokenizer, "init_kwargs", None) or {}).get("chattune_family")
+    if marked in BUILTIN:  # a seed model's tokenizer converted by chattune (models/families/)
+        return _chosen(BUILTIN[marked](), f"template=auto: the tokenizer was converted by chattune from a {marked} "
+                                          "tokenizer; seed models use chattune's exact built-in")
     family, why = glm_family(tokenizer, model_type)
     if family:
         return _chosen(BUILTIN[family](), f"template=auto: {why}; ChatGLM models use chattune's exact built-in")
@@ -689,7 +770,7 @@ def get_template(name: str, tokenizer=None, model_type: str | None = None,
     family = families.get(model_type or "")
     if family:
         return _chosen(BUILTIN[family](), f"template=auto: no chat_template; model_type {model_type}")
-    raise ConfigError("the tokenizer has no chat_template; choose one: template=chatml|chatglm2|chatglm3|glm4|llama3")
+    raise ConfigError("the tokenizer has no chat_template; choose one: template=" + "|".join(BUILTIN))
 
 
 def _chosen(template: Template, why: str) -> Template:

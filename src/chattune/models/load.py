@@ -14,6 +14,9 @@ import torch
 
 from chattune.errors import ModelError, remote_code_failure
 from chattune.models import native
+from chattune.models.families import register_all
+
+register_all()  # chattune's own model types (a converted ChatGLM-6B folder) load through the Auto classes
 
 CONFIG = "config.json"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -55,12 +58,13 @@ def resolve_model_path(spec: str, log=print, revision: str | None = None) -> str
 
 
 def _native(folder: Path, log) -> str | None:
-    """A ChatGLM2/3 or GLM-4 checkpoint (remote code that no longer runs) -> its converted native folder, made
-    once (models/native.py); None for any other folder."""
-    if native.family_of(folder) is None:
+    """A checkpoint of a seed family whose remote code no longer runs (ChatGLM-6B, ChatGLM2/3, GLM-4) -> its
+    converted native folder, made once (models/native.py); None for any other folder."""
+    family = native.family_of(folder)
+    if family is None:
         return None
     out = native.ensure_native(folder, log)
-    log(f"model: {folder} runs as transformers' GlmForCausalLM from its converted folder {out} (its own code is "
+    log(f"model: {folder} runs as {native.RUNS_AS[family]} from its converted folder {out} (its own code is "
         "never run, so model.trust_remote_code is not needed)")
     return str(out)
 

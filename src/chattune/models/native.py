@@ -1,12 +1,21 @@
-"""Native folders for checkpoints whose own code no longer runs: ChatGLM2-6B, ChatGLM3-6B, GLM-4-9B-chat.
+"""Native folders for checkpoints whose own code no longer runs: the seed models' families.
 
-These checkpoints (`model_type: chatglm`) ship their model and tokenizer as remote code written for transformers
-4.3x/4.4x, which fails under transformers 5 (`'ChatGLMConfig' object has no attribute 'max_length'`,
-`_pad() got an unexpected keyword argument 'padding_side'`, `'DynamicCache' object is not subscriptable`). chattune
-never runs that code. On first use the folder is converted once (models/families/glm.py: transformers' own
-`GlmForCausalLM`; models/families/glm_tokenizer.py: a fast tokenizer with the official ids and chattune's exact
-chat template) into the user cache, keyed by a fingerprint of the source files, and every command loads that
-folder. `chattune convert SRC OUT` writes the same folder where the user wants it.
+- "glm": ChatGLM2-6B, ChatGLM3-6B, GLM-4-9B-chat (`model_type: chatglm`, the ChatGLM2 layout) become transformers'
+  own `GlmForCausalLM` (models/families/glm.py; weights rewritten) and a fast tokenizer
+  (models/families/glm_tokenizer.py).
+- "chatglm6b": ChatGLM-6B (GLM v1, `model_type: chatglm` with `position_encoding_2d`) runs as chattune's own
+  `ChatGLM6BForCausalLM` (models/families/chatglm6b.py), its weights as published (linked, not rewritten), and
+  its `ice_text.model` tokenizer as a fast tokenizer (models/families/chatglm6b_tokenizer.py).
+- "transnormer": TransNormerLLM (`model_type: transnormer`) runs as chattune's own `TransnormerForCausalLM`
+  (models/families/transnormer.py; pure torch, no triton), its weights as published, its Baichuan-style
+  SentencePiece tokenizer as a fast tokenizer (models/families/transnormer_tokenizer.py).
+
+These checkpoints ship their model and tokenizer as remote code written for transformers 4.2x-4.4x, which fails
+under transformers 5 (`'ChatGLMConfig' object has no attribute 'max_length'`, `_pad() got an unexpected keyword
+argument 'padding_side'`, `'DynamicCache' object is not subscriptable`, `'property' object cannot be interpreted as
+an integer`). chattune never runs that code. On first use the folder is converted once into the user cache, keyed
+by a fingerprint of the source files, and every command loads that folder. `chattune convert SRC OUT` writes the
+same folder where the user wants it (weights copied there, not linked).
 
 The fingerprint reads config.json, the tokenizer and generation files whole and, of each weight file, its name,
 size and three 64 KiB samples (start, middle, end): hashing a 9B checkpoint whole would cost a minute at every
@@ -29,18 +38,36 @@ CONVERTER_VERSION = 1
 MARKER = "chattune-native.json"
 _SAMPLE = 64 * 1024
 _WHOLE_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "tokenizer.model",
-                "tokenizer.tiktoken", "special_tokens_map.json")
+                "tokenizer.tiktoken", "ice_text.model", "special_tokens_map.json")
+# what each family runs as (log lines, convert's help)
+RUNS_AS = {"glm": "transformers' GlmForCausalLM", "chatglm6b": "chattune's ChatGLM6BForCausalLM",
+           "transnormer": "chattune's TransnormerForCausalLM"}
+NAMES = {"glm": "ChatGLM2/ChatGLM3/GLM-4", "chatglm6b": "ChatGLM-6B", "transnormer": "TransNormerLLM"}
+LINKED = ("chatglm6b", "transnormer")  # families whose cached folder links the published weight files
+
+
+def family_of_config(config: dict) -> str | None:
+    """The family of a published config.json dict (see the module note), or None."""
+    from chattune.models.families.glm import V1_FIELDS, is_chatglm_layout
+
+    if not isinstance(config, dict):
+        return None
+    if is_chatglm_layout(config):
+        return "glm"
+    if config.get("model_type") == "chatglm" and any(f in config for f in V1_FIELDS):
+        return "chatglm6b"
+    if config.get("model_type") == "transnormer":
+        return "transnormer"
+    return None
 
 
 def family_of(folder: str | Path) -> str | None:
-    """"glm" for a ChatGLM2/3 or GLM-4 checkpoint folder (chatglm layout), else None."""
-    from chattune.models.families.glm import is_chatglm_layout
-
+    """The family of a checkpoint folder chattune runs natively (see the module note), else None."""
     try:
         config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return "glm" if isinstance(config, dict) and is_chatglm_layout(config) else None
+    return family_of_config(config)
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -68,14 +95,23 @@ def fingerprint(folder: str | Path) -> str:
 
 
 def cache_folder(folder: str | Path) -> Path:
+    """The cache folder for a checkpoint. Families whose converted folder links the published weights (ChatGLM-6B,
+    TransNormerLLM) also key on the checkpoint's place: an identical copy elsewhere gets its own links."""
     from chattune.models.bundled import cache_dir
 
     folder = Path(folder).resolve()
-    return cache_dir() / "native" / f"{folder.name}-{fingerprint(folder)[:16]}"
+    key = fingerprint(folder)
+    if family_of(folder) in LINKED:
+        key = hashlib.sha256(f"{key}\n{folder}".encode()).hexdigest()
+    return cache_dir() / "native" / f"{folder.name}-{key[:16]}"
 
 
 def is_complete(folder: Path) -> bool:
-    return (folder / MARKER).is_file()
+    """Converted to the end, and every linked weight file still there (a moved or deleted checkpoint converts
+    again rather than failing to load)."""
+    if not (folder / MARKER).is_file():
+        return False
+    return all(p.exists() for p in folder.iterdir() if p.is_symlink())
 
 
 @contextlib.contextmanager
@@ -92,17 +128,28 @@ def _lock(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def write_native(src: Path, out: Path, log=print) -> Path:
+def write_native(src: Path, out: Path, log=print, link: bool = False) -> Path:
     """Convert `src` into a new folder `out` (absent or empty): weights and config, tokenizer, chat template, and a
     generation_config.json that stops on every token the family's template stops on. Written next to `out` and
-    renamed at the end, so `out` is complete or absent."""
+    renamed at the end, so `out` is complete or absent. `link`: weights a family uses as published are symbolic
+    links to `src`'s files (the user cache) rather than copies (`chattune convert`)."""
+    src, out = Path(src), Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ModelError(f"{out} already exists and is not an empty folder\nfix: choose another output folder")
+    family = family_of(src)
+    if family in ("chatglm6b", "transnormer"):
+        kind = _write_own(family, src, out, link)
+    else:
+        kind = _write_glm(src, out)
+    log(f"converted {src} ({kind}) to {RUNS_AS[family]} and a fast tokenizer in {out}")
+    return out
+
+
+def _write_glm(src: Path, out: Path) -> str:
     from chattune.data.templates import BUILTIN
     from chattune.models.families.glm import convert_folder
     from chattune.models.families.glm_tokenizer import convert_tokenizer, glm_tokenizer_kind
 
-    src, out = Path(src), Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ModelError(f"{out} already exists and is not an empty folder\nfix: choose another output folder")
     kind = glm_tokenizer_kind(src)
     if kind is None:
         raise ModelError(f"{src}: no ChatGLM2/ChatGLM3/GLM-4 tokenizer found (tokenizer.model or tokenizer.tiktoken "
@@ -111,10 +158,64 @@ def write_native(src: Path, out: Path, log=print) -> Path:
         convert_folder(src, tmp, log=lambda message: None)  # its line would name the staging folder, not `out`
         tokenizer = convert_tokenizer(src, tmp)
         _stop_on_the_template(tmp, tokenizer, BUILTIN[kind]())
-        (tmp / MARKER).write_text(json.dumps(
-            {"source": str(src.resolve()), "family": kind, "converter": CONVERTER_VERSION}, indent=2) + "\n")
-    log(f"converted {src} ({kind}) to transformers' GlmForCausalLM and a fast tokenizer in {out}")
-    return out
+        _mark(tmp, src, kind)
+    return kind
+
+
+def _write_own(family: str, src: Path, out: Path, link: bool) -> str:
+    """A family chattune has its own model code for: the config under chattune's model type, the published weight
+    files as they are, the converted tokenizer with the family's template, a generation_config that stops on it."""
+    from transformers import GenerationConfig
+
+    from chattune.data.jinja import chat_template_jinja
+    from chattune.data.templates import BUILTIN
+
+    if family == "chatglm6b":
+        from chattune.models.families import chatglm6b as model_code
+        from chattune.models.families import chatglm6b_tokenizer as tokenizer_code
+
+        ok, files, fix = (tokenizer_code.is_chatglm6b_tokenizer(src), "ice_text.model",
+                          "use the original THUDM/chatglm-6b checkpoint (fp16 weights, no saved P-tuning prefix)")
+    else:
+        from chattune.models.families import transnormer as model_code
+        from chattune.models.families import transnormer_tokenizer as tokenizer_code
+
+        ok, files, fix = (tokenizer_code.is_transnormer_tokenizer(src), "tokenizer.model",
+                          "use an OpenNLPLab/TransNormerLLM checkpoint (TransNormerLLM 1/2, simplermsnorm)")
+    published = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    try:
+        config = model_code.config_from_published(published)
+    except ValueError as e:
+        raise ModelError(f"{src}/config.json: {e}\nfix: {fix}") from None
+    if not ok:
+        raise ModelError(f"{src}: no {NAMES[family]} tokenizer found ({files} with tokenizer_config.json)\n"
+                         "fix: copy the tokenizer files that came with the model into it")
+    weights = _weight_files(src)
+    if not any(p.suffix in (".bin", ".safetensors") for p in weights):
+        raise ModelError(f"{src}: no weight files (*.bin, *.safetensors)\nfix: download the weights into it")
+    template = BUILTIN[family]()
+    with atomic_folder(out, "native") as tmp:
+        config.save_pretrained(tmp)
+        for path in weights:
+            if link:
+                (tmp / path.name).symlink_to(path.resolve())
+            else:
+                shutil.copy2(path, tmp / path.name)
+        fast = tokenizer_code.build_fast_tokenizer(src)
+        tokenizer = tokenizer_code.convert_tokenizer(src, tmp, chat_template=chat_template_jinja(template, fast))
+        generation = src / "generation_config.json"
+        if generation.is_file():  # the publisher's sampling defaults (TransNormerLLM: do_sample, temperature, ...)
+            shutil.copy2(generation, tmp / generation.name)
+        else:
+            GenerationConfig.from_model_config(config).save_pretrained(tmp)
+        _stop_on_the_template(tmp, tokenizer, template)
+        _mark(tmp, src, family)
+    return family
+
+
+def _mark(folder: Path, src: Path, kind: str) -> None:
+    (folder / MARKER).write_text(json.dumps(
+        {"source": str(src.resolve()), "family": kind, "converter": CONVERTER_VERSION}, indent=2) + "\n")
 
 
 def _stop_on_the_template(folder: Path, tokenizer, template) -> None:
@@ -132,7 +233,7 @@ def _stop_on_the_template(folder: Path, tokenizer, template) -> None:
 
 
 def ensure_native(folder: str | Path, log=print) -> Path:
-    """The converted folder for a ChatGLM2/3 or GLM-4 checkpoint, converting it once into the user cache."""
+    """The converted folder for a checkpoint of a native family, converting it once into the user cache."""
     src = Path(folder)
     out = cache_folder(src)
     if is_complete(out):
@@ -142,7 +243,8 @@ def ensure_native(folder: str | Path, log=print) -> Path:
             return out
         if out.exists():
             shutil.rmtree(out)  # a conversion that stopped halfway (no marker)
-        log(f"{src} is a ChatGLM-family checkpoint (model_type chatglm): converting it once to transformers' own "
-            f"GlmForCausalLM and a fast tokenizer in {out}; its own Python files are never run")
-        write_native(src, out, log)
+        family = family_of(src)
+        log(f"{src} is a {NAMES[family]} checkpoint: converting it once to {RUNS_AS[family]} and a fast tokenizer "
+            f"in {out}; its own Python files are never run")
+        write_native(src, out, log, link=True)
     return out

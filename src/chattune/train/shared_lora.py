@@ -163,8 +163,10 @@ def shared_input_groups(model, probe_ids: torch.Tensor) -> list[list]:
 def install(model, probe_ids: torch.Tensor | None = None) -> int:
     """Give each shared-input group one down-projection; returns the number of adapted layers now sharing."""
     if probe_ids is None:
+        from chattune.models.families import probe_ids as family_probe
+
         device = next(model.parameters()).device
-        probe_ids = torch.arange(1, 5, device=device).unsqueeze(0)
+        probe_ids = torch.tensor([family_probe(model.config, [1, 2, 3, 4])], device=device)
     groups = shared_input_groups(model, probe_ids)
     for members in groups:
         group = _Group(members)

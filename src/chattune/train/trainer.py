@@ -42,6 +42,7 @@ from chattune.hardware import choose_precision, device_type, keep_freed_memory, 
 from chattune.methods import count_parameters, get_method
 from chattune.methods.base import Method
 from chattune.methods.common import resolve_deepspeed_config, resolve_shipped_json
+from chattune.models.families import packing_off_reason
 from chattune.models.load import generation_stop_ids, load_model, load_tokenizer, model_type, resolve_model_path
 from chattune.train import fast_dropout, packed_attention
 from chattune.train.compile import check_compile, compile_layers, should_compile
@@ -496,6 +497,10 @@ def prepare(cfg: RunConfig, log=print, options: TrainOptions | None = None) -> P
         + (f", {len(data.eval)} eval samples" if data.eval else ""))
 
     packing = cfg.data.packing and method.supports_packing
+    family_reason = packing_off_reason(model.config)
+    if packing and family_reason:
+        log(f"packing: off ({family_reason})")
+        packing = False
     if packing:  # packing_is_exact: two forward passes, run again only where the attention changed in between
         exact = not options.baseline and packed_attention.enable(model) and packing_is_exact(model)
         if not exact:

@@ -64,6 +64,16 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+try:  # transformers' own reading of logits_to_keep (an int, or chattune's boolean label mask in training)
+    from transformers.modeling_utils import slice_logits_to_keep
+except ImportError:  # older transformers 5.x
+    def slice_logits_to_keep(hidden_states: torch.Tensor, logits_to_keep) -> torch.Tensor:
+        if isinstance(logits_to_keep, int):
+            return hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
+        if logits_to_keep.dtype == torch.bool:
+            return hidden_states[logits_to_keep]
+        return hidden_states[:, logits_to_keep]
+
 MODEL_TYPE = "chattune_chatglm6b"
 ROPE_BASE = 10000.0
 # config.json fields of the published checkpoint that this model reads (everything else is passed through)
@@ -152,15 +162,17 @@ def position_ids_from_input_ids(input_ids: torch.Tensor, config: ChatGLM6BConfig
 
 def attention_mask_4d(position_ids: torch.Tensor, key_mask: torch.Tensor, past_length: int) -> torch.Tensor:
     """Boolean [batch, 1, q, past + q] mask (True = attend): key j is visible to query i when j is real and j <= i
-    or j lies in the context (block position 0, only possible without a cache). Every query also sees itself, so
-    padded queries get a finite (and unused) output instead of NaN."""
+    (every cached key: a generation cache or a P-tuning prefix) or j is a new token in the context (block position
+    0: the prompt before `<sop>`, seen bidirectionally). Every query also sees itself, so padded queries get a finite
+    (and unused) output instead of NaN."""
     q = position_ids.shape[-1]
     total = past_length + q
     rows = torch.arange(past_length, total, device=key_mask.device)[:, None]
     cols = torch.arange(total, device=key_mask.device)[None, :]
     visible = (cols <= rows)[None]
-    if past_length == 0:
-        visible = visible | (position_ids[:, 1] == 0)[:, None, :]
+    context = torch.cat([torch.zeros(position_ids.shape[0], past_length, dtype=torch.bool, device=key_mask.device),
+                         position_ids[:, 1] == 0], dim=1)
+    visible = visible | context[:, None, :]
     visible = (visible & key_mask.bool()[:, None, :]) | (cols == rows)[None]
     return visible[:, None]
 
@@ -301,8 +313,7 @@ class ChatGLM6BModel(ChatGLM6BPreTrainedModel):
             use_cache = False  # a cache written during the recompute would be updated twice
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache()
-        if not use_cache:
-            past_key_values = None
+        # a given cache is used even with use_cache=False: in training it is a P-tuning prefix (peft passes one)
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)
         b, s = inputs_embeds.shape[:2]
@@ -313,17 +324,15 @@ class ChatGLM6BModel(ChatGLM6BPreTrainedModel):
         if attention_mask is None:
             attention_mask = torch.ones(b, past_length + s, dtype=torch.bool, device=inputs_embeds.device)
         if position_ids is None:
-            if past_length:
-                raise ValueError("ChatGLM-6B with a non-empty cache needs position_ids (2-D positions depend on the "
-                                 "whole sequence; prepare_inputs_for_generation computes them)")
             if input_ids is None:
                 raise ValueError("ChatGLM-6B with inputs_embeds needs position_ids [batch, 2, seq]")
-            position_ids = position_ids_from_input_ids(input_ids, self.config, attention_mask)
+            if past_length and not bool((input_ids == self.config.bos_token_id).any(1).all()):
+                raise ValueError("ChatGLM-6B with a non-empty cache needs position_ids (2-D positions depend on the "
+                                 "whole sequence; prepare_inputs_for_generation computes them)")
+            # no cache, or a cache that is a P-tuning prefix in front of a whole prompt: positions of the new tokens
+            position_ids = position_ids_from_input_ids(input_ids, self.config, attention_mask[:, past_length:])
         if position_ids.dim() != 3 or position_ids.shape[1] != 2:
             raise ValueError(f"ChatGLM-6B position_ids must be [batch, 2, seq], got {tuple(position_ids.shape)}")
-        if past_length and bool(((position_ids[:, 1] == 0) & attention_mask[:, past_length:].bool()).any()):
-            raise ValueError("ChatGLM-6B: with a cache, new tokens must come after <sop> (the context before it "
-                             "attends bidirectionally, so it must be in the first, uncached forward)")
         mask = attention_mask_4d(position_ids, attention_mask, past_length)
 
         hidden_states = inputs_embeds
@@ -331,7 +340,7 @@ class ChatGLM6BModel(ChatGLM6BPreTrainedModel):
             hidden_states = layer(hidden_states, position_ids=position_ids, attention_mask=mask,
                                   past_key_values=past_key_values)
         return BaseModelOutputWithPast(last_hidden_state=self.final_layernorm(hidden_states),
-                                       past_key_values=past_key_values)
+                                       past_key_values=past_key_values if use_cache else None)
 
 
 class ChatGLM6BForCausalLM(ChatGLM6BPreTrainedModel, GenerationMixin):
@@ -377,14 +386,11 @@ class ChatGLM6BForCausalLM(ChatGLM6BPreTrainedModel, GenerationMixin):
         self.lm_head = value
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep: int = 0,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep: int | torch.Tensor = 0,
                 **kwargs) -> CausalLMOutputWithPast:
         out = self.transformer(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
-        hidden = out.last_hidden_state
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        logits = self.lm_head(hidden)
+        logits = self.lm_head(slice_logits_to_keep(out.last_hidden_state, logits_to_keep))
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
@@ -400,7 +406,9 @@ class ChatGLM6BForCausalLM(ChatGLM6BPreTrainedModel, GenerationMixin):
         given = kwargs.get("position_ids")
         # generate makes 1-D position ids from the attention mask; ChatGLM-6B's are 2-D and depend on the tokens
         if (given is None or given.dim() != 3) and inputs.get("input_ids") is not None:
-            positions = position_ids_from_input_ids(input_ids, self.config, attention_mask)
+            # the mask may be longer than input_ids: peft's P-tuning prepends its prefix's columns
+            mask = attention_mask[:, -input_ids.shape[1]:] if attention_mask is not None else None
+            positions = position_ids_from_input_ids(input_ids, self.config, mask)
             inputs["position_ids"] = positions[..., -inputs["input_ids"].shape[1]:].contiguous()
         return inputs
 
