@@ -73,7 +73,8 @@ def main(argv: list[str]) -> int:
 
     from chattune.bench import default_data_path
     from chattune.config import load_config
-    from chattune.train.trainer import TrainOptions, train
+    from chattune.train.options import TrainOptions
+    from chattune.train.trainer import train
 
     data = Path(a.data) if a.data else default_data_path()
     if data is None or not data.exists():

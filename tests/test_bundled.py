@@ -79,9 +79,9 @@ def test_quickstart_loads_the_model_once_and_its_answers_are_the_real_ones(bundl
     real = load.load_model
     monkeypatch.setattr(load, "load_model", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
     import chattune.inference
-    import chattune.train.trainer
+    import chattune.train.setup
 
-    for module in (chattune.inference, chattune.train.trainer):
+    for module in (chattune.inference, chattune.train.setup):
         monkeypatch.setattr(module, "load_model", load.load_model)
     out = quickstart(str(tmp_path / "qs"), steps=12, log=lambda m: None)
     assert len(loads) == 1
@@ -142,10 +142,10 @@ def test_bundled_model_decodes_from_its_exact_blocks(bundled):
     """Every linear layer of the bundled model holds exactly the GGUF's Q4_1 / Q8_0 blocks, so `serve` and `chat`
     decode from them; the greedy answer is the fp32 one."""
     from chattune.inference import conversation, load_tuned
-    from chattune.models import packed
+    from chattune.models import blockweights
 
-    if packed.why_unavailable():
-        pytest.skip(packed.why_unavailable())
+    if blockweights.why_unavailable():
+        pytest.skip(blockweights.why_unavailable())
     tuned = load_tuned(log=lambda m: None)
     ids = torch.tensor([tuned.prompt_ids(conversation([], "Name three colours."))])
 
@@ -156,7 +156,7 @@ def test_bundled_model_decodes_from_its_exact_blocks(bundled):
                                         pad_token_id=tuned.tokenizer.pad_token_id)[0].tolist()
 
     fp32 = answer()
-    assert packed.enable(tuned.model, lambda m: None) == {"q4": 210, "q8": 1, "fp32": 0}
+    assert blockweights.enable(tuned.model, lambda m: None) == {"q4": 210, "q8": 1, "fp32": 0}
     assert answer() == fp32
 
     # serve's engine with chattune's own decode step: checked at start-up, and the same greedy answer

@@ -81,3 +81,24 @@ def test_train_then_chat(tiny, tmp_path):
     r = chattune("chat", "--adapter", str(out), "--max-new-tokens", "3", input="hello\n/clear\nagain\n/exit\n")
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("assistant> ") == 2 and "(conversation cleared)" in r.stdout
+
+
+def test_packed_still_works_as_the_former_name_of_block_weights(capsys):
+    """`--packed` was renamed `--block-weights` (sequence packing is `data.packing`); for one release the old name
+    sets the same value and prints a one-line notice. The new name and the defaults print nothing."""
+    from chattune.cli import build_parser
+
+    parser = build_parser()
+    notice = "note: --packed is renamed --block-weights; the old name still works in this release only\n"
+    for command, default in (("chat", "auto"), ("serve", "auto"), ("eval", "off")):
+        given = ["--data", "d.jsonl"] if command == "eval" else []
+        assert parser.parse_args([command, *given]).block_weights == default
+        assert capsys.readouterr().err == ""
+        for value in ("auto", "off"):
+            assert parser.parse_args([command, *given, "--block-weights", value]).block_weights == value
+            assert capsys.readouterr().err == ""
+            args = parser.parse_args([command, *given, "--packed", value])
+            assert args.block_weights == value and not hasattr(args, "packed")
+            assert capsys.readouterr().err == notice
+    shown = " ".join(chattune("serve", "--help").stdout.split())  # however argparse wraps it
+    assert "--block-weights {auto,off}" in shown and "formerly --packed)" in shown

@@ -143,10 +143,10 @@ def test_worker_uses_the_step_only_where_it_is_checked(llama):
     uninstall(llama)
 
 
-@pytest.mark.skipif(__import__("chattune.models.packed", fromlist=["x"]).why_unavailable() is not None,
-                    reason="packed kernel unavailable here")
+@pytest.mark.skipif(__import__("chattune.models.blockweights", fromlist=["x"]).why_unavailable() is not None,
+                    reason="block-weight kernel unavailable here")
 def test_packed_projections_are_fused_without_a_second_copy(tmp_path):
-    from chattune.models.packed import enable
+    from chattune.models.blockweights import enable
     from tiny import exact_tiny
 
     model = exact_tiny(tmp_path)
@@ -166,13 +166,13 @@ def test_packed_projections_are_fused_without_a_second_copy(tmp_path):
     torch.testing.assert_close(run(model, step, FEED), before, atol=1e-5 * float(before.abs().max()), rtol=0)
 
 
-@pytest.mark.skipif(__import__("chattune.models.packed", fromlist=["x"]).why_unavailable() is not None,
-                    reason="packed kernel unavailable here")
+@pytest.mark.skipif(__import__("chattune.models.blockweights", fromlist=["x"]).why_unavailable() is not None,
+                    reason="block-weight kernel unavailable here")
 @pytest.mark.parametrize("family", ["llama", "qwen2", "llama-hd12"])
 def test_the_c_layer_gives_transformers_logits(family):
     """Fully packed layers run as two C calls each (norm, q/k/v, rotation | attention, o, norm, gate/up, SiLU,
     down): padded and unpadded rows, q/k/v biases, a head size that is not a multiple of 8."""
-    from chattune.models.packed import enable
+    from chattune.models.blockweights import enable
     from tiny import make_block_exact
 
     torch.manual_seed(2)
@@ -257,8 +257,8 @@ def test_generate_decodes_through_the_step_with_the_same_tokens(llama, monkeypat
     assert not hasattr(llama.forward, "chattune_original")
 
 
-@pytest.mark.skipif(__import__("chattune.models.packed", fromlist=["x"]).why_unavailable() is not None,
-                    reason="packed kernel unavailable here")
+@pytest.mark.skipif(__import__("chattune.models.blockweights", fromlist=["x"]).why_unavailable() is not None,
+                    reason="block-weight kernel unavailable here")
 @pytest.mark.parametrize("targets,dora", [("all-linear", False), (["q_proj", "v_proj", "down_proj"], False),
                                           ("all-linear", True)])
 def test_lora_over_packed_layers(tmp_path, targets, dora):
@@ -267,7 +267,7 @@ def test_lora_over_packed_layers(tmp_path, targets, dora):
     zeros where a projection has no adapter; DoRA is left to peft's own module calls."""
     from peft import LoraConfig, get_peft_model
 
-    from chattune.models.packed import enable
+    from chattune.models.blockweights import enable
     from tiny import exact_tiny
 
     torch.manual_seed(4)

@@ -101,7 +101,7 @@ def test_zero3_offload_keeps_frozen_weights_off_the_gpu():
     assert off.terms[ZERO3] == 4 * off.params["largest_layer"] < on.terms[ZERO3]
 
 
-def test_lora_dropout_activations_come_from_the_adapted_layers():
+def test_lora_dropout_activations_come_from_the_adapted_layers(monkeypatch):
     """The method's hook counts, per token and layer, a mask and a dropped-out input for each adapted layer."""
     base = ["model=glm-4-9b-chat", "data.max_length=1024", "train.batch_size=1", "lora.target=[q_proj,k_proj,v_proj]",
             "train.compile=false"]
@@ -121,12 +121,16 @@ def test_lora_dropout_activations_come_from_the_adapted_layers():
                          ("train.max_steps=100", extra // 3)):
         with_dropout = est(*auto, "lora.dropout=0.1", steps, gpus=1).terms["activations"]
         assert with_dropout - est(*auto, "lora.dropout=0", steps, gpus=1).terms["activations"] == masks, steps
-    # on CPU train.compile=auto never compiles
+    # on CPU train.compile=auto never compiles; the activations are in the precision training decides for the CPU's
+    # kind (hardware.decide_precision): fp32 on an AVX2-only CPU, bf16 with AMX
     from chattune.estimate import _this_device
 
     if _this_device() == "cpu":
-        masks = est(*auto, "lora.dropout=0.1").terms["activations"] - est(*auto, "lora.dropout=0").terms["activations"]
-        assert masks == extra // 3 * 2  # shared masks, fp32 activations on CPU
+        for kind, expected in (("avx2", extra // 3 * 2), ("amx", extra // 3)):
+            monkeypatch.setenv("CHATTUNE_CPU_KIND", kind)
+            masks = est(*auto, "lora.dropout=0.1").terms["activations"] - \
+                est(*auto, "lora.dropout=0").terms["activations"]
+            assert masks == expected, kind  # shared masks
 
 
 def test_lora_layers_keep_activations_from_the_lowest_adapted_layer_up():

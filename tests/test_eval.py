@@ -84,10 +84,10 @@ def test_eval_writes_one_prediction_per_sample_and_the_metrics(tiny, tmp_path):
     assert "rouge-1" in r.stdout and "perplexity" in r.stdout
     assert m["decode_step"] == "transformers" and m["packed_layers"] == 0  # the defaults: transformers' own
 
-    # --packed auto --decode-step auto: chattune's step, checked at start-up; the same predictions and metrics
+    # --block-weights auto --decode-step auto: chattune's step, checked at start-up; the same predictions and metrics
     fast = tmp_path / "fast"
     r = chattune("eval", "--model", str(model), "--data", str(data), "--metrics", "rouge,bleu,exact,triple_f1,loss",
-                 "--max-new-tokens", "6", "--batch-size", "4", "--out", str(fast), "--packed", "auto",
+                 "--max-new-tokens", "6", "--batch-size", "4", "--out", str(fast), "--block-weights", "auto",
                  "--decode-step", "auto")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "decode step: chattune's own" in r.stderr + r.stdout

@@ -1,10 +1,11 @@
-"""Parsing and validation of alpaca, messages and sharegpt records."""
+"""Reading (data/readers.py) and validation (data/formats.py) of alpaca, messages and sharegpt records."""
 
 import json
 
 import pytest
 
-from chattune.data.formats import Message, find_split, load_conversations
+from chattune.data.formats import Message, load_conversations
+from chattune.data.readers import find_split
 from chattune.errors import DataError
 from tiny import write_jsonl
 

@@ -21,7 +21,8 @@ from transformers import TrainerCallback
 from chattune import outputs
 from chattune.config import load_config
 from chattune.errors import ChattuneError, DataError
-from chattune.train.trainer import TrainOptions, train
+from chattune.train.options import TrainOptions
+from chattune.train.trainer import train
 from tiny import make_tiny_llama, write_jsonl
 
 WORDS = ["apple", "pear", "plum", "fig", "kiwi", "lime", "date", "nut"]

@@ -23,7 +23,8 @@ from chattune import hardware, outputs
 from chattune.config import RunConfig, load_config
 from chattune.errors import ConfigError
 from chattune.methods import REGISTRY
-from chattune.train.trainer import TrainOptions, train
+from chattune.train.options import TrainOptions
+from chattune.train.trainer import train
 from tiny import make_tiny_llama, write_jsonl
 
 WORDS = ["apple", "pear", "plum", "fig", "kiwi"]

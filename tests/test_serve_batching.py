@@ -11,6 +11,7 @@ import torch
 
 from chattune.inference import load_tuned
 from chattune.serve.app import create_app
+from chattune.sampling import SamplingSettings
 from chattune.serve.engine import Batch, Sampling, batching_is_exact, prefill
 from serve_helpers import running
 from tiny import make_tiny_llama
@@ -142,12 +143,15 @@ def test_seeded_sampling_is_repeatable_next_to_other_requests(model_dir):
 def test_sampling_follows_temperature_and_top_p():
     logits = torch.tensor([2.0, 1.0, 0.5, -1.0])
     assert Sampling().choose(logits, []) == 0  # greedy
-    assert Sampling(1.0, 0.5, seed=1).choose(logits, []) == 0  # top_p 0.5 leaves only the most likely token
-    draws = [Sampling(1.0, 1.0, seed=s).choose(logits, []) for s in range(200)]
+    top_half = SamplingSettings(temperature=1.0, top_p=0.5, seed=1)
+    assert Sampling(top_half).choose(logits, []) == 0  # top_p 0.5 leaves only the most likely token
+    draws = [Sampling(SamplingSettings(1.0, 1.0, seed=s)).choose(logits, []) for s in range(200)]
     assert set(draws) == {0, 1, 2, 3} and draws.count(0) > draws.count(3)
-    assert [Sampling(1.0, 1.0, seed=s).choose(logits, []) for s in range(20)] == draws[:20]  # seeded: repeatable
-    penalised = Sampling(repetition_penalty=4.0).choose(logits, [0])  # 2.0 / 4 = 0.5 < 1.0
+    assert [Sampling(SamplingSettings(1.0, 1.0, seed=s)).choose(logits, []) for s in range(20)] == draws[:20]
+    penalised = Sampling(SamplingSettings(repetition_penalty=4.0)).choose(logits, [0])  # 2.0 / 4 = 0.5 < 1.0
     assert penalised == 1
+    top2 = [Sampling(SamplingSettings(1.0, 1.0, top_k=2, seed=s)).choose(logits, []) for s in range(100)]
+    assert set(top2) == {0, 1}  # top_k 2: only the two most likely tokens
 
 
 def test_models_the_engine_cannot_drive_run_one_at_a_time(model_dir):

@@ -23,7 +23,10 @@ from chattune.data.collate import PaddingCollator, make_collator
 from chattune.data.encode import IGNORE
 from chattune.methods import lora
 from chattune.train import chunked_loss, fast_dropout, packed_attention
-from chattune.train.trainer import ChattuneTrainer, FixedOrderSampler, TrainOptions, packing_is_exact
+from chattune.train.hf_trainer import ChattuneTrainer
+from chattune.train.options import TrainOptions
+from chattune.train.packing import packing_is_exact
+from chattune.train.samplers import FixedOrderSampler
 
 # Runs once more per CPU kind (tests/test_cpu_kinds.py): its outcome depends on the precision chattune picks or
 # on the CPU's kernels.

@@ -13,7 +13,7 @@ import pytest
 
 from chattune.data.encode import encode_conversation, encode_pieces, encode_prompt
 from chattune.data.formats import Conversation, Message
-from chattune.data.jinja import (
+from chattune.data.template_files import (
     chat_template_jinja,
     content_prefix,
     generation_config_eos,

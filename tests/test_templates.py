@@ -9,7 +9,7 @@ import pytest
 from chattune.data.collate import PaddingCollator
 from chattune.data.encode import IGNORE, encode_conversation, encode_pieces, encode_prompt
 from chattune.data.formats import Conversation, Message
-from chattune.data.templates import JinjaTemplate, get_template
+from chattune.data.templates import TokenizerTemplate, get_template
 from chattune.errors import ConfigError
 from tiny import SPECIAL_ID as S
 from tiny import ids, make_tokenizer
@@ -154,7 +154,7 @@ def test_chatglm3_tool_call_is_python_code(tok):
 
 def test_auto_uses_tokenizer_template_and_matches_builtin(tok):
     t = get_template("auto", tok)
-    assert isinstance(t, JinjaTemplate)
+    assert isinstance(t, TokenizerTemplate)
     c = conv(("user", "hi"), ("assistant", "yo"), ("user", "x"), ("assistant", "z"))
     auto_ids, auto_labels = encode(c, t, tok)
     # The tiny template adds a default system prompt, as SmolLM2's does.

@@ -116,7 +116,7 @@ def split_data(spec: CompareSpec, out: Path, log) -> tuple[Path, Path]:
     """The train and test files: as given, or train_data's last `test_split` held out (written once)."""
     if spec.test_data:
         return Path(spec.train_data), Path(spec.test_data)
-    from chattune.data.formats import find_split, iter_raw_records
+    from chattune.data.readers import find_split, iter_raw_records
 
     source = find_split(spec.train_data, "train")
     records = [rec for _, rec in iter_raw_records(source)]

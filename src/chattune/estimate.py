@@ -167,6 +167,7 @@ def _dims(config) -> dict:
 
 
 def estimate(cfg, gpus: int | None = None, gpu_memory: int | None = None, log=print) -> Estimate:
+    from chattune.hardware import decide_precision
     from chattune.methods import count_parameters, get_method
     from chattune.methods.freeze import decoder_layers
 
@@ -176,8 +177,9 @@ def estimate(cfg, gpus: int | None = None, gpu_memory: int | None = None, log=pr
     model = meta_model(config)
     base_total = sum(p.numel() for p in model.parameters())
     quantized = _quantizable_weights(model)
-    _, largest_layer = decoder_layers(model)
-    largest_layer_params = sum(p.numel() for p in largest_layer[0].parameters())
+    _, layers = decoder_layers(model)
+    # DeepSpeed's ZeRO-3 estimator wants the parameter count of the largest decoder layer
+    largest_layer_params = max(sum(p.numel() for p in layer.parameters()) for layer in layers)
     model = method.apply(model, cfg)
     trainable, total = count_parameters(model)
     # the backward pass runs from the lowest decoder layer holding a trainable parameter up (Freeze of the last N
@@ -190,7 +192,9 @@ def estimate(cfg, gpus: int | None = None, gpu_memory: int | None = None, log=pr
 
     device = "cuda" if (gpus or gpu_memory) else _this_device()
     n = gpus or 1
-    precision = t.precision if t.precision != "auto" else ("bf16" if device == "cuda" else "fp32")
+    # the precision training would decide (hardware.decide_precision); GPUs given by --gpus/--gpu-memory may not be
+    # this machine's: they are assumed to have bf16
+    precision, _ = decide_precision(t.precision, device, gpu_bf16=True if (gpus or gpu_memory) else None)
     act_bytes = 4 if precision == "fp32" else 2
     zero = _zero_stage(t.deepspeed)
     notes = []

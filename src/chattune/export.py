@@ -19,7 +19,7 @@ import json
 import shutil
 from pathlib import Path
 
-from chattune.data.jinja import write_generation_config, write_template_files
+from chattune.data.template_files import write_generation_config, write_template_files
 from chattune.errors import ModelError
 from chattune.inference import load_tuned
 from chattune.outputs import ADAPTER, ADAPTER_CONFIG, FULL_MODEL, TRAINING_ONLY_FILES, artefact_kind, atomic_folder, \

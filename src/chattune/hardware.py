@@ -7,7 +7,8 @@ AVX512-BF16 in /proc/cpuinfo: bf16; AVX2 without them: fp32. The environment var
 another machine would. On any other CPU (ARM, no flags) a timed probe decides, taking the best of several short
 timings of each precision so that another busy process cannot tip the choice (it slows both sides, and the best
 timing is the least disturbed one). A run decides once: the choice is recorded in its chattune.json and reused on
-resume (see train/trainer.py). On GPU: bf16 where supported, else fp16.
+resume and when the trained model is loaded with `auto`. On GPU: bf16 where supported, else fp16. `decide_precision`
+is the one decision training, the commands that load a trained model and `chattune estimate` all ask.
 """
 
 from __future__ import annotations
@@ -164,6 +165,31 @@ def choose_precision(precision: str, device: str | None = None) -> tuple[str, st
 def resolve_precision(precision: str, device: str | None = None) -> str:
     """auto -> fp32 | bf16 | fp16 for this machine; explicit values are checked."""
     return choose_precision(precision, device)[0]
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def decide_precision(requested: str, device: str | None = None, recorded: str | None = None,
+                     recorded_why: str = "recorded by the run", gpu_bf16: bool | None = None) -> tuple[str, str]:
+    """The one precision decision, (fp32 | bf16 | fp16, why) for `train.precision=requested` on `device`: training
+    (train/trainer.py), the commands that load a trained model (chat, eval, serve: commands.inference_precision) and
+    `chattune estimate` all ask it.
+
+    - `recorded`: the precision a run recorded in its chattune.json (a resumed run; a trained model loaded with
+      `auto`). `auto` keeps it (`recorded_why` says so), so that a busy machine or a changed probe cannot switch a
+      run from bf16 to fp32 halfway; but never fp16 on a CPU, nor a value that is not a precision: those decide as
+      if nothing was recorded. An explicit value is the user's choice, as below.
+    - `gpu_bf16`: whether the GPU has bf16, for a GPU this process does not run on (estimate's `--gpus`, which
+      assumes it does); None asks this machine's GPU.
+    - otherwise `choose_precision`: an explicit value as given (fp16 on a CPU: fp32), `auto` by the GPU or by the
+      CPU's kind (CHATTUNE_CPU_KIND) and, on an unknown CPU, the timed probe."""
+    device = device or device_type()
+    if requested == "auto" and recorded in PRECISIONS and (recorded != "fp16" or device == "cuda"):
+        return recorded, recorded_why
+    if requested == "auto" and device == "cuda" and gpu_bf16 is not None:
+        return ("bf16", "assumed: a GPU with bf16") if gpu_bf16 else ("fp16", "assumed: a GPU without bf16")
+    return choose_precision(requested, device)
 
 
 # ---------------------------------------------------------------- peak memory

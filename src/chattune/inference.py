@@ -23,6 +23,7 @@ from chattune.data.templates import Template, get_template
 from chattune.errors import ModelError
 from chattune.models.load import generation_stop_ids, load_model, load_tokenizer, model_type, resolve_model_path
 from chattune.outputs import ADAPTER_CONFIG, FULL_MODEL, NOT_A_MODEL, artefact_kind, read_info
+from chattune.sampling import sampling_settings
 
 
 @dataclass
@@ -39,9 +40,8 @@ class Tuned:
 
     @property
     def pad_id(self) -> int:
-        """The tokenizer's pad token, else the first stop token (what batched generation pads rows with)."""
-        pad = self.tokenizer.pad_token_id
-        return pad if pad is not None else self.stop_ids[0]
+        """What batched generation pads rows with: the tokenizer's pad token (models/load.py always sets one)."""
+        return self.tokenizer.pad_token_id
 
     def prompt_ids(self, conv: Conversation) -> list[int]:
         return encode_prompt(conv, self.template, self.tokenizer)
@@ -64,7 +64,7 @@ def load_tuned(adapter: str | None = None, model: str | None = None, template: s
                revision: str | None = None) -> Tuned:
     """`device_map="auto"` spreads a large model over the visible GPUs (accelerate's big-model loading).
     `packed=True` (chat, serve: models that are only run) decodes the layers whose fp32 weights are exactly
-    4-/8-bit blocks from those blocks (models/packed.py). `attn_implementation` (`model.attn_implementation`): the
+    4-/8-bit blocks from those blocks (models/blockweights.py). `attn_implementation` (`model.attn_implementation`): the
     model's attention, e.g. eager or sdpa (default: transformers' choice). `revision` (`model.revision`): a hub
     base model's revision (default: the one the run trained on)."""
     extra = {"device_map": device_map} if device_map else {}
@@ -101,7 +101,7 @@ def load_tuned(adapter: str | None = None, model: str | None = None, template: s
         folder = Path(path)
     net.eval()
     if packed:
-        from chattune.models.packed import enable
+        from chattune.models.blockweights import enable
 
         enable(net, log)
     name = template or info.get("template") or "auto"
@@ -117,10 +117,8 @@ def generate(tuned: Tuned, conv: Conversation, max_new_tokens: int = 256, temper
     ids = torch.tensor([tuned.prompt_ids(conv)], device=next(tuned.model.parameters()).device)
     kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                   eos_token_id=tuned.stop_ids, pad_token_id=tuned.tokenizer.pad_token_id)
-    if temperature > 0:
-        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
-    else:
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    kwargs.update(sampling_settings(getattr(tuned.model, "generation_config", None), temperature,
+                                    top_p).generate_kwargs())
     if not stream:
         with torch.no_grad():
             out = tuned.model.generate(**kwargs)

@@ -91,7 +91,7 @@ def quickstart(output_dir: str = "runs/quickstart", steps: int | None = None, lo
     on. The saved adapter is what `chattune chat --adapter` loads (test_bundled checks the two agree)."""
     from chattune.config import load_config
     from chattune.inference import Tuned
-    from chattune.models import packed
+    from chattune.models import blockweights
     from chattune.train import packed_attention, shared_lora
     from chattune.train.trainer import train
 
@@ -113,7 +113,7 @@ def quickstart(output_dir: str = "runs/quickstart", steps: int | None = None, lo
     shared_lora.uninstall(model)  # peft's own adapter calls, as `chat --adapter` runs the saved adapter
     # Decode as `chat` does: the base layers from the exact 4-/8-bit blocks their fp32 weights hold (fewer bytes
     # per token; the same answers, test_bundled) and chattune's decode step: ~3x faster answers on the bundled model.
-    packed.enable(model, log=lambda message: None)
+    blockweights.enable(model, log=lambda message: None)
     tuned = Tuned(model, run.tokenizer, run.template, source=str(out))
     with model.disable_adapter():
         before = _answers(tuned, PROMPTS)

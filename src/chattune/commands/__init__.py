@@ -10,16 +10,37 @@ commands that load a trained model (`chat`, `eval`, `serve`): each takes `train`
 names the other keys that mean something to it.
 """
 
+import argparse
+
 COMMANDS = ["quickstart", "train", "data", "eval", "compare", "plot", "chat", "serve", "export", "convert", "estimate",
             "bench"]
 
 
-def add_packed_option(p, default: str = "auto") -> None:
-    """`--packed auto|off` of the commands that run a model (`chat`, `serve`; `eval`, where it is off by default):
-    load_tuned(packed=...)."""
-    p.add_argument("--packed", choices=["auto", "off"], default=default,
+def add_block_weights_option(p, default: str = "auto") -> None:
+    """`--block-weights auto|off` of the commands that run a model (`chat`, `serve`; `eval`, where it is off by
+    default): load_tuned(packed=...) (models/blockweights.py). `--packed`, its former name, works for one more
+    release: it sets the same value and says it was renamed."""
+    p.add_argument("--block-weights", choices=["auto", "off"], default=default,
                    help=f"auto: on a CPU, decode layers whose fp32 weights are exactly 4-/8-bit blocks (the bundled "
-                        f"model's) from those blocks; off: torch's fp32 matmuls everywhere (default: {default})")
+                        f"model's) from those blocks; off: torch's fp32 matmuls everywhere (default: {default}; "
+                        "formerly --packed)")
+    p.add_argument("--packed", choices=["auto", "off"], dest="block_weights", default=argparse.SUPPRESS,
+                   action=RenamedOption, new_name="--block-weights", help=argparse.SUPPRESS)
+
+
+class RenamedOption(argparse.Action):
+    """An option's former name, kept for one release: stores the value under the new option's dest and prints a
+    one-line notice (stderr) naming the new option."""
+
+    def __init__(self, option_strings, dest, new_name: str, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.new_name = new_name
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from chattune.log import log
+
+        log(f"note: {option_string} is renamed {self.new_name}; the old name still works in this release only")
+        setattr(namespace, self.dest, values)
 
 
 def add_decode_step_option(p, default: str = "auto") -> None:
@@ -105,19 +126,17 @@ def model_config(command: str, adapter: str | None, model: str | None, overrides
 
 
 def inference_precision(precision: str, folder: str | None) -> tuple[str, str]:
-    """(fp32 | bf16 | fp16, why) to load and run a model in: `auto` is the precision the run trained in (its
-    chattune.json), else what training would choose on this machine; fp16 on a CPU is fp32, as in training."""
+    """(fp32 | bf16 | fp16, why) to load and run a model in, by hardware.decide_precision (training's decision):
+    `auto` is the precision the run trained in (its chattune.json), else what training would choose on this
+    machine; fp16 on a CPU is fp32, as in training."""
     from pathlib import Path
 
-    from chattune.hardware import choose_precision, device_type
+    from chattune.hardware import decide_precision
     from chattune.outputs import read_info
 
-    device = device_type()
-    if precision == "auto" and folder and Path(folder).is_dir():
-        recorded = read_info(folder).get("precision")
-        if recorded in ("fp32", "bf16") or (recorded == "fp16" and device == "cuda"):
-            return recorded, "the precision the run trained in (its chattune.json)"
-    return choose_precision(precision, device)
+    recorded = read_info(folder).get("precision") if precision == "auto" and folder and Path(folder).is_dir() else None
+    return decide_precision(precision, recorded=recorded,
+                            recorded_why="the precision the run trained in (its chattune.json)")
 
 
 def check_attention(name: str) -> None:

@@ -3,7 +3,7 @@
 The `key=value` items are `train`'s `model.*` keys (`model.trust_remote_code=true`, `model.attn_implementation=
 eager`): the model loads as it would for training; with --adapter the run's recorded settings are the default."""
 
-from chattune.commands import add_decode_step_option, add_overrides, add_packed_option
+from chattune.commands import add_block_weights_option, add_decode_step_option, add_overrides
 
 HELP = "talk to a tuned or plain model in the terminal"
 
@@ -14,14 +14,14 @@ HINTS = {"template": "give it with --template", "data.system": "give it with --s
 
 def configure(p) -> None:
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--adapter", help="an adapter folder (a chattune output_dir)")
+    src.add_argument("--adapter", help="a chattune output_dir (adapter or full model) or a checkpoint in it")
     src.add_argument("--model", help="a full model folder, hub id, or `bundled` (default)")
     p.add_argument("--prompt", help="answer this one prompt and exit")
     p.add_argument("--system", help="system prompt")
     p.add_argument("--template", help="override the template (default: the one the run used)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    add_packed_option(p)
+    add_block_weights_option(p)
     add_decode_step_option(p)
     add_overrides(p, KEYS, "model settings, as train takes them")
 
@@ -35,7 +35,7 @@ def load(args, log=print):
     cfg, _, kwargs = model_config("chat", args.adapter, args.model, list(args.args), KEYS, hints=HINTS, log=log)
     args.decode_step = decode_step_choice(args.decode_step, cfg, log)
     return load_tuned(adapter=args.adapter, model=args.model, template=args.template, log=log,
-                      packed=args.packed == "auto", **kwargs)
+                      packed=args.block_weights == "auto", **kwargs)
 
 
 def run(args) -> int:

@@ -2,7 +2,7 @@
 
 The `key=value` items: the KEYS below and `train`'s `model.*` keys (commands.MODEL_KEYS)."""
 
-from chattune.commands import add_decode_step_option, add_overrides, add_packed_option
+from chattune.commands import add_block_weights_option, add_decode_step_option, add_overrides
 
 HELP = "score a model on a data file: ROUGE-1/2/L, BLEU-4, exact match, triple F1, loss; writes predictions"
 
@@ -36,7 +36,7 @@ def configure(p) -> None:
     p.add_argument("--limit", type=int, default=None, help="score only the first N records")
     p.add_argument("--template", help="override the template (default: the one the run used); = template=NAME")
     p.add_argument("--out", help="output folder (default: MODEL_DIR/eval-<data file stem>)")
-    add_packed_option(p, default="off")
+    add_block_weights_option(p, default="off")
     add_decode_step_option(p, default="transformers")
     add_overrides(p, KEYS, "run-config overrides, starting from the run's config.yaml")
 
@@ -58,6 +58,6 @@ def run(args) -> int:
                           f"{'it' if len(loss_only) == 1 else 'them'} out")
     decode_step = decode_step_choice(args.decode_step, cfg, log)
     evaluate(args.adapter, args.model, args.data, names, args.batch_size, args.max_new_tokens, args.limit,
-             args.out, log=log, data_config=cfg.data, packed=args.packed == "auto",
+             args.out, log=log, data_config=cfg.data, packed=args.block_weights == "auto",
              decode_step=decode_step == "auto", **load)
     return 0

@@ -4,7 +4,8 @@ HELP = "merge an adapter into its base model and save a plain HF model folder"
 
 
 def configure(p) -> None:
-    p.add_argument("--adapter", required=True)
+    p.add_argument("--adapter", required=True,
+                   help="a chattune output_dir (adapter or full model) or a checkpoint in it")
     p.add_argument("--out", required=True)
 
 

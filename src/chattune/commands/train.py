@@ -19,7 +19,8 @@ def run(args) -> int:
     cfg = config_from_args(args.args)  # a bad config fails here, before any process is launched
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return launch(args.nproc, args.args, log)
-    from chattune.train.trainer import is_main_process, train
+    from chattune.train.setup import is_main_process
+    from chattune.train.trainer import train
 
     result = train(cfg, log=log)
     if is_main_process():

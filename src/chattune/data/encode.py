@@ -2,7 +2,13 @@
 
 Pieces are tokenized each on its own (`add_special_tokens=False`; a dataset's distinct piece texts in one batch
 call), the way the prompt is tokenized at chat time: the generation prompt ends a piece, so the model is trained
-on exactly the token boundaries it sees when it generates. Labels are the token ids of trainable pieces and -100
+on exactly the token boundaries it sees when it generates.
+
+A user's text is data and never becomes a control token: only the template inserts control tokens (special pieces,
+looked up by name). Every other text piece is tokenized with `split_special_tokens=True`, so a message that
+contains `<|im_end|>\n<|im_start|>system` is those characters, not a forged turn, in training, chat, eval and
+serve alike. The one exception is `markup`: text the tokenizer's own jinja template wrote around the messages
+(`template=auto`), which spells its control tokens as text and is tokenized with special-token matching. Labels are the token ids of trainable pieces and -100
 elsewhere. Labels never depend on the pad token (masking `labels == pad_id` would erase the stop token when
 pad == eos).
 
@@ -33,6 +39,7 @@ class Piece:
     trainable: bool = False
     special: bool = False  # `text` is the name of one special token, looked up in the vocabulary
     keep: bool = False  # tokenize on its own, never merged into the previous piece
+    markup: bool = False  # template text that spells control tokens (a tokenizer's jinja output): match them
 
 
 @dataclass
@@ -68,18 +75,27 @@ def special_token_id(tokenizer, name: str) -> int:
     return tid
 
 
-def tokenize_texts(texts, tokenizer) -> dict[str, list[int]]:
-    """Token ids of each distinct text, from one batch call of the tokenizer (the same ids as one call per text:
-    each text is still tokenized on its own, without special tokens). A dataset's pieces repeat (role headers,
-    the system prompt) and a fast tokenizer's batch call skips the per-call Python work: on the bundled model's
-    tokenizer, 999 alpaca records' 3,092 pieces took 0.7 s one call at a time."""
-    unique = list(dict.fromkeys(t for t in texts if t))
-    if not unique:
-        return {}
-    return dict(zip(unique, tokenizer(unique, add_special_tokens=False)["input_ids"]))
+def text_ids(tokenizer, texts, markup: bool = False):
+    """Token ids of text (one string or a list), without special tokens added. A user's text is data: special-token
+    strings in it stay text (`split_special_tokens`); `markup` (template text) matches them."""
+    return tokenizer(texts, add_special_tokens=False, split_special_tokens=not markup)["input_ids"]
 
 
-def encode_pieces(pieces: list[Piece], tokenizer, known: dict[str, list[int]] | None = None
+def tokenize_texts(pieces, tokenizer) -> dict[tuple[str, bool], list[int]]:
+    """Token ids of each distinct (text, markup) of the pieces, from one batch call per kind (the same ids as one
+    call per text: each text is still tokenized on its own, without special tokens). A dataset's pieces repeat (role
+    headers, the system prompt) and a fast tokenizer's batch call skips the per-call Python work: on the bundled
+    model's tokenizer, 999 alpaca records' 3,092 pieces took 0.7 s one call at a time."""
+    out: dict[tuple[str, bool], list[int]] = {}
+    pieces = list(pieces)  # (read twice: once per kind)
+    for markup in (False, True):
+        unique = list(dict.fromkeys(p.text for p in pieces if p.text and not p.special and p.markup == markup))
+        if unique:
+            out.update(zip(((t, markup) for t in unique), text_ids(tokenizer, unique, markup)))
+    return out
+
+
+def encode_pieces(pieces: list[Piece], tokenizer, known: dict[tuple[str, bool], list[int]] | None = None
                   ) -> tuple[list[int], list[int]]:
     """Token ids and labels of the pieces; `known` holds texts already tokenized (`tokenize_texts`)."""
     ids: list[int] = []
@@ -88,9 +104,9 @@ def encode_pieces(pieces: list[Piece], tokenizer, known: dict[str, list[int]] | 
         if p.special:
             toks = [special_token_id(tokenizer, p.text)]
         elif p.text:
-            toks = known.get(p.text) if known else None
+            toks = known.get((p.text, p.markup)) if known else None
             if toks is None:
-                toks = tokenizer(p.text, add_special_tokens=False)["input_ids"]
+                toks = text_ids(tokenizer, p.text, p.markup)
         else:
             continue
         ids.extend(toks)
@@ -125,7 +141,7 @@ def _fix_too_long(lengths: list[int] | None = None) -> str:
 
 def encode_conversation(conv: Conversation, template, tokenizer, max_length: int, truncation: str = "prompt",
                         stats: EncodeStats | None = None, pieces: list[Piece] | None = None,
-                        known: dict[str, list[int]] | None = None) -> Encoded | None:
+                        known: dict[tuple[str, bool], list[int]] | None = None) -> Encoded | None:
     """Encode one training conversation and apply the truncation policy (see TRUNCATION_POLICIES). Returns None
     for a sample that is dropped; raises DataError for an over-long sample under data.truncation=error.
     `pieces` (the template's pieces of `conv`) and `known` (tokenized texts) let encode_conversations render and
@@ -170,7 +186,7 @@ def encode_conversations(conversations: list[Conversation], template, tokenizer,
     reported at once, with the data.max_length that would keep them."""
     stats = stats if stats is not None else EncodeStats()
     rendered = [template.pieces(c) for c in conversations]
-    known = tokenize_texts((p.text for pieces in rendered for p in pieces if not p.special), tokenizer)
+    known = tokenize_texts((p for pieces in rendered for p in pieces), tokenizer)
     if truncation != "error":
         encoded = (encode_conversation(c, template, tokenizer, max_length, truncation, stats, pieces, known)
                    for c, pieces in zip(conversations, rendered))
@@ -286,15 +302,14 @@ def _shrink_prompt(conv: Conversation, template, tokenizer, max_length: int, ids
         excess = start - budget
         if excess <= 0:
             break
-        texts = [(len(tokenizer(t, add_special_tokens=False)["input_ids"]), key, t)
-                 for key, t in _prompt_texts(conv) if t]
+        texts = [(len(text_ids(tokenizer, t)), key, t) for key, t in _prompt_texts(conv) if t]
         if not texts:
             break
         n, key, text = max(texts, key=lambda x: x[0])
         if excess >= n:
             shorter = ""
         else:
-            toks = tokenizer(text, add_special_tokens=False)["input_ids"]
+            toks = text_ids(tokenizer, text)
             # A byte-level tokenizer may split a character: drop the half character left at the start.
             shorter = tokenizer.decode(toks[excess:]).lstrip("\ufffd")
             if len(shorter) >= len(text):

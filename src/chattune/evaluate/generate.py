@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from chattune.sampling import sampling_settings
+
 
 @dataclass
 class Generated:
@@ -38,7 +40,8 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], stop_ids: list[in
     """Greedy answers to `prompts` (token ids, each ending with the generation prompt), in input order.
     `progress(done, total, seconds)` is called after each batch."""
     device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    greedy = sampling_settings(getattr(model, "generation_config", None)).generate_kwargs()
+    pad_id = tokenizer.pad_token_id  # models/load.py always sets one
     # Longest prompts first: rows of similar length waste less padding; results go back to input order.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     results: list[Generated | None] = [None] * len(prompts)
@@ -49,9 +52,8 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], stop_ids: list[in
         for b in range(0, len(order), batch_size):
             chunk = order[b:b + batch_size]
             ids, mask = left_pad([prompts[i] for i in chunk], pad_id, device)
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                 temperature=None, top_p=None, top_k=None, eos_token_id=stop_ids,
-                                 pad_token_id=pad_id)
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 eos_token_id=stop_ids, pad_token_id=pad_id, **greedy)
             for row, i in enumerate(chunk):
                 new = out[row, ids.shape[1]:].tolist()
                 cut = next((k for k, t in enumerate(new) if t in stop_ids), None)

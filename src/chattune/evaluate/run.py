@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from chattune.data.encode import IGNORE, encode_conversations, encode_pieces
+from chattune.data.encode import IGNORE, encode_conversations, encode_prompt
 from chattune.data.formats import Conversation, load_conversations
 from chattune.errors import DataError
 from chattune.evaluate.generate import generate_batch
@@ -82,7 +82,7 @@ def teacher_forced_loss(model, tokenizer, template, conversations: list[Conversa
 
     rows = [{"input_ids": enc.input_ids, "labels": enc.labels}
             for enc in encode_conversations(conversations, template, tokenizer, max_length, truncation)]
-    collate = PaddingCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    collate = PaddingCollator(tokenizer.pad_token_id)  # models/load.py always sets a pad token
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -108,7 +108,7 @@ def score(model, tokenizer, template, samples: list[Sample], metric_names: list[
     metrics: dict = {"samples": len(samples)}
     predictions: list[dict] = []
     if any(m in GENERATION_METRICS for m in metric_names):
-        prompts = [encode_pieces(template.pieces(s.prompt, add_generation_prompt=True), tokenizer)[0] for s in samples]
+        prompts = [encode_prompt(s.prompt, template, tokenizer) for s in samples]
         start = time.perf_counter()
         generated = generate_batch(model, tokenizer, prompts, template.stop_tokens(tokenizer), max_new_tokens,
                                    batch_size, progress)

@@ -5,9 +5,10 @@
   that hold them, e.g. `[lm_head, "model.norm"]` or `["*.mlp.*"]`.
 Both together train their union; to train only named modules, set `freeze.trainable_layers=0`.
 
-Decoder layers are found generically, as the largest `nn.ModuleList` of identical blocks (`model.layers` for
-Llama/Qwen/GLM-4, `transformer.encoder.layers` for ChatGLM, `transformer.h` for GPT-2), so remote-code models
-work too. The output is a full model folder: the frozen weights are saved along with the trained ones.
+Decoder layers are found by structure (models/layers.py: `decoder_layers`; `model.layers` for Llama/Qwen/GLM-4,
+`transformer.encoder.layers` for ChatGLM, `transformer.h` for GPT-2, never a mixture-of-experts layer's experts),
+so remote-code models work too. The output is a full model folder: the frozen weights are saved along with the
+trained ones.
 """
 
 from __future__ import annotations
@@ -42,31 +43,21 @@ def _configured_layers(spec: str) -> int | None:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError, TypeError):
         return None
-    config = config.get("text_config", config)
-    for key in ("num_hidden_layers", "num_layers", "n_layer"):
-        if isinstance(config.get(key), int):
-            return config[key]
-    return None
+    from chattune.models.layers import layer_count
+
+    return layer_count(config) if isinstance(config, dict) else None
 
 
 def decoder_layers(model):
-    """(name, torch.nn.ModuleList) of the model's decoder blocks: the largest ModuleList whose items share one
-    class."""
-    import torch
+    """(path, torch.nn.ModuleList) of the model's decoder blocks (models/layers.py: `decoder_layers`); a MethodError
+    where the model has none."""
+    from chattune.models.layers import decoder_layers as find
 
-    best = None
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.ModuleList) or len(module) == 0:
-            continue
-        if len({type(m) for m in module}) != 1:
-            continue
-        size = sum(p.numel() for p in module.parameters())
-        if best is None or size > best[2]:
-            best = (name, module, size)
-    if best is None:
+    found = find(model)
+    if found is None:
         raise MethodError("method=freeze: found no list of decoder layers in this model; "
                           "use freeze.trainable_layers=0 with freeze.trainable_modules=[...] patterns instead")
-    return best[0], best[1]
+    return found
 
 
 def lowest_trained_layer(layers) -> int | None:

@@ -4,19 +4,20 @@ transformers' forward without most of its per-layer Python.
 Why by hand: on a CPU a small model's decode step is dominated by per-call overhead, not arithmetic. transformers'
 forward runs some 50 tensor ops and module calls per layer for one token (mask building, cache bookkeeping,
 keyword plumbing, hooks); on the bundled model that is about half of a 28 ms step even with the packed kernels
-(models/packed.py). This step calls the model's own modules for what carries choices — the embeddings, the
+(models/blockweights.py). This step calls the model's own modules for what carries choices — the embeddings, the
 rotary embedding (so every RoPE scaling variant is the model's own), the MLP's activation, and every projection
 it cannot read directly — and does the rest (RMSNorm as transformers computes it, the rotation, the cache append,
 attention through torch's SDPA) in a few plain ops. Packed projections (plain, or under a plain LoRA adapter) are
-read directly: q/k/v and gate/up as one kernel call each, the adapters folded in (`_Group`). A layer whose seven
-projections are all packed runs as two C calls (`layer_front`, `layer_back` in models/packed.py) around the cache
-append, the rest of its maths included.
+read directly: q/k/v and gate/up (models/layers.py: the projections that read one input) as one kernel call each,
+the adapters folded in (`_FusedProjection`). A layer whose seven projections are all packed runs as two C calls
+(`layer_front`, `layer_back` in models/blockweights.py) around the cache append, the rest of its maths included.
 
 It is used only for what it was checked on: models whose config says Llama, Mistral (without a sliding window) or
 Qwen2 (without one in use), plain or with peft LoRA, whose layers have the Llama shape; and only after a start-up
 check on the loaded model has found its results equal to transformers' own: serve's engine calls it directly
 (`engine.step_matches_transformers`: logits of two prompts of different lengths, padded, over several steps),
-`chat` routes transformers' `generate` through it (`enable_for_generate`: greedy tokens and scores). Anything
+`chat` routes transformers' `generate` through it (`enable_for_generate`: greedy tokens and scores), both compared
+by models/checks.py (`same_logits`: the same argmax, differences within the rounding of the model's dtype). Anything
 else decodes through transformers.
 """
 
@@ -28,12 +29,15 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from chattune.models.checks import model_dtype, same_logits
+from chattune.models.layers import ATTENTION_INPUT, MLP_INPUT, decoder_layers
+
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 # The start-up checks' two prompts (token ids valid in any vocabulary of 30+): different lengths, so the shorter
 # one is left-padded when they run together.
 PROBE = ([5, 9, 13, 17, 21, 25, 29], [7, 11])
-_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-_MLP = ("gate_proj", "up_proj", "down_proj", "act_fn")
+_ATTENTION = ATTENTION_INPUT + ("o_proj",)  # q/k/v read one input, o its own
+_MLP = MLP_INPUT + ("down_proj", "act_fn")  # gate/up read one input, down its own
 
 
 def base_model(model):
@@ -73,7 +77,7 @@ def _unwrap(module):
     return base, adapters
 
 
-class _Group:
+class _FusedProjection:
     """Projections that read the same input (q/k/v, gate/up), or one alone, as one packed matmul: their blocks
     stacked (the layers' own packed weights become views of the stacked rows, so nothing is held twice), their
     biases concatenated, and their LoRA adapters as one down-projection `lora_a` [R, K] and one up-projection
@@ -81,16 +85,16 @@ class _Group:
     switched or changed later are not seen."""
 
     def __init__(self, parts):
-        from chattune.models.packed import Packed, Proj
+        from chattune.models.blockweights import BlockWeight, Proj
 
         bases = [base for base, _ in parts]
         if len(bases) == 1:
             self.packed = bases[0]._chattune_packed
         else:
             packs = [b._chattune_packed for b in bases]
-            self.packed, start = Packed(packs[0].kind, torch.cat([p.data for p in packs])), 0
+            self.packed, start = BlockWeight(packs[0].kind, torch.cat([p.data for p in packs])), 0
             for b in bases:
-                b._chattune_packed = Packed(self.packed.kind, self.packed.data[start:start + b.out_features])
+                b._chattune_packed = BlockWeight(self.packed.kind, self.packed.data[start:start + b.out_features])
                 start += b.out_features
         self.out = sum(b.out_features for b in bases)
         self.bias = None if all(b.bias is None for b in bases) else torch.cat(
@@ -110,29 +114,30 @@ class _Group:
                          address(self.lora_a), address(self.lora_bt), 0 if self.lora_a is None else len(self.lora_a))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from chattune.models.packed import packed_linear
+        from chattune.models.blockweights import block_linear
 
-        y = packed_linear(x, self.packed, self.out, self.bias)
+        y = block_linear(x, self.packed, self.out, self.bias)
         if self.lora_a is not None:
             y = y + (x @ self.lora_a.t()) @ self.lora_bt
         return y
 
 
-def _group(modules) -> _Group | None:
-    """One _Group for `modules` where each is packed (plain or under LoRA) with blocks of one kind and width."""
+def _fused(modules) -> _FusedProjection | None:
+    """One _FusedProjection for `modules` where each is packed (plain or under LoRA) with blocks of one kind and
+    width."""
     parts = [_unwrap(m) for m in modules]
     if any(p is None for p in parts):
         return None
     packs = [base._chattune_packed for base, _ in parts]
     if len({p.kind for p in packs}) != 1 or len({p.data.shape[1] for p in packs}) != 1:
         return None
-    return _Group(parts)
+    return _FusedProjection(parts)
 
 
 def _projection(module):
     """The callable for one projection: its packed group (the kernel directly, skipping the module call), or the
     module itself (fp32 Linear, quantised layer, anything with hooks)."""
-    return _group([module]) or module
+    return _fused([module]) or module
 
 
 def _is_silu(act) -> bool:
@@ -145,20 +150,21 @@ class _Layer:
 
     def __init__(self, layer):
         a, mlp = layer.self_attn, layer.mlp
-        self.qkv, self.gate_up = _group([a.q_proj, a.k_proj, a.v_proj]), _group([mlp.gate_proj, mlp.up_proj])
+        self.qkv = _fused([getattr(a, n) for n in ATTENTION_INPUT])
+        self.gate_up = _fused([getattr(mlp, n) for n in MLP_INPUT])
         self.q_heads = a.q_proj.out_features // a.head_dim
         self.qk_heads = self.q_heads + a.k_proj.out_features // a.head_dim
         # (each projection on its own only where it is not in a fused group)
-        self.q, self.k, self.v = (None,) * 3 if self.qkv else (_projection(getattr(a, n)) for n in _ATTENTION[:3])
-        self.gate, self.up = (None,) * 2 if self.gate_up else (_projection(getattr(mlp, n)) for n in _MLP[:2])
+        self.q, self.k, self.v = (None,) * 3 if self.qkv else (_projection(getattr(a, n)) for n in ATTENTION_INPUT)
+        self.gate, self.up = (None,) * 2 if self.gate_up else (_projection(getattr(mlp, n)) for n in MLP_INPUT)
         self.o, self.down = _projection(a.o_proj), _projection(mlp.down_proj)
         self.act = mlp.act_fn
         self.norm1, self.eps1 = layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon
         self.norm2, self.eps2 = layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon
         self.head_dim, self.scaling = a.head_dim, a.scaling
-        # The C layer (models/packed.py: layer_front, layer_back): all seven projections packed (LoRA or not),
+        # The C layer (models/blockweights.py: layer_front, layer_back): all seven projections packed (LoRA or not),
         # SiLU, fp32; else None and the layer runs in torch ops.
-        self.native = all(isinstance(g, _Group) for g in (self.qkv, self.gate_up, self.o, self.down)) \
+        self.native = all(isinstance(g, _FusedProjection) for g in (self.qkv, self.gate_up, self.o, self.down)) \
             and _is_silu(self.act) and self.norm1.dtype == torch.float32 and self.head_dim % 2 == 0
 
 
@@ -175,11 +181,12 @@ def why_not(model) -> str | None:
         return f"model type {kind!r} (chattune's step knows {', '.join(MODEL_TYPES)})"
     if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
         return "sliding-window attention"
-    inner = getattr(base, "model", None)
-    if not all(hasattr(inner, n) for n in ("embed_tokens", "layers", "norm", "rotary_emb")) \
-            or not hasattr(base, "lm_head"):
+    inner, found = getattr(base, "model", None), decoder_layers(base)
+    if found is None or not isinstance(inner, torch.nn.Module) \
+            or not all(hasattr(inner, n) for n in ("embed_tokens", "norm", "rotary_emb")) \
+            or not any(child is found[1] for child in inner.children()) or not hasattr(base, "lm_head"):
         return f"{type(base).__name__} is not laid out as LlamaForCausalLM"
-    for layer in inner.layers:
+    for layer in found[1]:
         a, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         norms = (getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None))
         if not (all(hasattr(a, n) for n in _ATTENTION + ("head_dim", "scaling"))
@@ -198,7 +205,7 @@ class DecodeStep:
         base = base_model(model)
         inner = base.model
         self.embed, self.rotary = inner.embed_tokens, inner.rotary_emb
-        self.layers = [_Layer(layer) for layer in inner.layers]
+        self.layers = [_Layer(layer) for layer in decoder_layers(base)[1]]  # inner's own list (why_not)
         self.norm, self.eps = inner.norm.weight, inner.norm.variance_epsilon
         self.head = _projection(base.lm_head)
 
@@ -260,7 +267,7 @@ class _NativeStep:
     mask [B, T] as int64 (NULL when no slot is padded), the thread count."""
 
     def __init__(self, x, cos, sin, mask, unpadded: bool):
-        from chattune.models.packed import _library
+        from chattune.models.blockweights import _library
 
         self.lib = _library()
         self.b, self.width = x.shape[0], x.shape[-1]
@@ -365,7 +372,7 @@ def install_for_generate(model, pad_id: int) -> str | None:
         want = _greedy_scores(model, list(PROBE), pad_id, 4)
         install(model, step)
         got = _greedy_scores(model, list(PROBE), pad_id, 4)
-        if not (torch.equal(got[0], want[0]) and torch.allclose(got[1], want[1], atol=1e-3, rtol=1e-3)):
+        if not (torch.equal(got[0], want[0]) and same_logits(got[1], want[1], model_dtype(model))):
             why = "its logits differ from transformers' on this model"
     except Exception as e:  # noqa: BLE001 - any model the step cannot drive decodes through transformers
         why = f"{type(e).__name__}: {e}"

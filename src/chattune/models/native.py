@@ -167,7 +167,7 @@ def _write_own(family: str, src: Path, out: Path, link: bool) -> str:
     files as they are, the converted tokenizer with the family's template, a generation_config that stops on it."""
     from transformers import GenerationConfig
 
-    from chattune.data.jinja import chat_template_jinja
+    from chattune.data.template_files import chat_template_jinja
     from chattune.data.templates import BUILTIN
 
     if family == "chatglm6b":

@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
+from chattune.sampling import StopStrings, sampling_settings
 from chattune.serve.convert import ApiError, parse_params, to_conversation
 from chattune.serve.worker import Job, Worker
 
@@ -35,14 +36,41 @@ def context_length(model) -> int | None:
     return None
 
 
-def trim_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    cut = min((text.find(s) for s in stops if s in text), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
+MAX_BODY = 4 * 2**20  # bytes of one request body: far above any chat a model's context holds
+LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
+
+
+def _host_name(value: str) -> str:
+    """The host of a `Host` header or an origin's authority, without its port (IPv6 keeps its brackets)."""
+    if value.startswith("["):
+        return value[: value.find("]") + 1] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
 
 
 def create_app(tuned, api_key: str | None = None, max_queue: int = 16, default_max_tokens: int = 512,
-               max_batch: int = 8, decode_step: str = "auto"):
+               max_batch: int = 8, decode_step: str = "auto", bind_host: str | None = None):
+    """The server. `bind_host` (what `chattune serve --host` binds): without an API key and bound to this machine
+    only, requests must name a loopback host (`Host`), which stops DNS rebinding; without a key, a browser request
+    from another site (an `Origin` that is not this server's) is refused, so a web page the user visits cannot
+    drive the local model."""
     app = FastAPI(title="chattune serve", docs_url=None, redoc_url=None)
+    local_only = bind_host is not None and bind_host in LOOPBACK
+
+    @app.middleware("http")
+    async def same_site_only(request: Request, call_next):
+        if api_key is None:
+            host = request.headers.get("host", "")
+            if local_only and _host_name(host) not in LOOPBACK:
+                return JSONResponse(ApiError(403, f"Host {host!r} is not this machine: this server, bound to "
+                                                  f"{bind_host} without an API key, answers only requests for "
+                                                  "localhost (DNS rebinding protection); set --api-key to serve "
+                                                  "other names", kind="permission_error").body(), status_code=403)
+            origin = request.headers.get("origin")
+            if origin is not None and origin.split("://", 1)[-1].rstrip("/") != host:
+                return JSONResponse(ApiError(403, f"a web page from {origin} may not use this server (it has no API "
+                                                  "key, so only its own page may call it); set --api-key to allow "
+                                                  "other sites", kind="permission_error").body(), status_code=403)
+        return await call_next(request)
     worker = Worker(tuned, max_queue, max_batch, decode_step)
     name = model_name(tuned)
     ctx = context_length(tuned.model)
@@ -89,20 +117,37 @@ def create_app(tuned, api_key: str | None = None, max_queue: int = 16, default_m
             raise ApiError(404, f"no such file: {asset}", kind="not_found_error")
         return FileResponse(path)
 
+    async def read_json(request: Request):
+        """The request's JSON body: a JSON content type, at most MAX_BODY bytes (read no further), valid JSON."""
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/json":
+            raise ApiError(415, f"the body must be JSON sent as `Content-Type: application/json` (got {kind or 'none'!r})",
+                           code="unsupported_media_type")
+        too_big = ApiError(413, f"the request body is over {MAX_BODY // 2**20} MiB", code="request_too_large")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_BODY:
+            raise too_big
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > MAX_BODY:
+                raise too_big
+        try:
+            return json.loads(bytes(data))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # (deep nesting: RecursionError)
+            raise ApiError(400, "the request body is not valid JSON") from None
+
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         check_key(request)
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # (deep nesting: RecursionError)
-            raise ApiError(400, "the request body is not valid JSON") from None
+        body = await read_json(request)
         params = parse_params(body)
         if params.model not in (None, name):
             raise ApiError(404, f"model {params.model!r} does not exist here; this server serves {name!r}", "model",
                            "model_not_found", kind="not_found_error")
         conv = to_conversation(body.get("messages") if isinstance(body, dict) else None, params.tools)
-        try:
-            prompt = tuned.prompt_ids(conv)
+        try:  # rendering and tokenizing a long conversation must not hold up the other requests' streams
+            prompt = await asyncio.to_thread(tuned.prompt_ids, conv)
         except Exception as e:  # noqa: BLE001 - a template that cannot render this conversation
             raise ApiError(400, f"these messages cannot be rendered with the model's template: {e}", "messages") from None
         max_tokens = params.max_tokens or default_max_tokens
@@ -114,12 +159,13 @@ def create_app(tuned, api_key: str | None = None, max_queue: int = 16, default_m
                 raise ApiError(400, f"the prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
                                     f"this model's context of {ctx} tokens", "max_tokens", "context_length_exceeded")
             max_tokens = min(max_tokens, ctx - len(prompt))
-        job = Job(prompt, max_tokens, params.temperature, params.top_p, params.stop, params.seed,
-                  asyncio.get_running_loop())
+        sampling = sampling_settings(getattr(tuned.model, "generation_config", None), params.temperature,
+                                     params.top_p, params.seed)
+        job = Job(prompt, max_tokens, sampling, params.stop, asyncio.get_running_loop())
         try:
             worker.submit(job)
         except queue.Full:
-            raise ApiError(503, f"the server is busy ({worker.jobs.maxsize} requests waiting); retry shortly",
+            raise ApiError(503, f"the server is busy ({worker.max_queue} requests waiting); retry shortly",
                            code="queue_full", kind="server_error", headers={"Retry-After": "1"}) from None
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if params.stream:
@@ -162,7 +208,7 @@ def create_app(tuned, api_key: str | None = None, max_queue: int = 16, default_m
                     break
         finally:
             watcher.cancel()
-        text, by_string = trim_at_stop(value["text"], params.stop)
+        text, by_string = StopStrings(params.stop).cut(value["text"])
         content, calls, reason = finish(value, params, text, by_string)
         message = {"role": "assistant", "content": content if content or not calls else None}
         if calls:
@@ -176,8 +222,9 @@ def create_app(tuned, api_key: str | None = None, max_queue: int = 16, default_m
                     "choices": [{"index": 0, "delta": delta, "finish_reason": reason}], **(extra or {})}
             return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
+        stops = StopStrings(params.stop)
         sent = ""  # text already sent; with stop strings the tail that could start one is held back
-        hold = max((len(s) for s in params.stop), default=1) - 1
+        hold = max(stops.longest - 1, 0)
         try:
             yield chunk({"role": "assistant", "content": ""})
             buffered = ""
@@ -188,12 +235,12 @@ def create_app(tuned, api_key: str | None = None, max_queue: int = 16, default_m
                 buffered += value
                 if params.tools:  # a tool call is only known at the end: send everything then
                     continue
-                text, cut = trim_at_stop(buffered, params.stop)
+                text, cut = stops.cut(buffered)
                 ready = text if cut else text[: max(len(sent), len(text) - hold)]
                 if len(ready) > len(sent):
                     yield chunk({"content": ready[len(sent):]})
                     sent = ready
-            text, by_string = trim_at_stop(value["text"], params.stop)
+            text, by_string = stops.cut(value["text"])
             content, calls, reason = finish(value, params, text, by_string)
             if calls:
                 if content:

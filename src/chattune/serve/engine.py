@@ -23,15 +23,16 @@ from __future__ import annotations
 
 import functools
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from chattune.evaluate.generate import left_pad
+from chattune.models.checks import model_dtype, same_logits
 from chattune.models.decode_step import PROBE, base_model
+from chattune.sampling import SamplingSettings, choose_token
 
 
 def _cache_argument(model) -> str:
@@ -123,34 +124,23 @@ class Batch:
         return logits
 
 
-@dataclass
 class Sampling:
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    repetition_penalty: float = 1.0
-    generator: torch.Generator | None = field(default=None, repr=False)
+    """One request's sampling in the batch: its settings (chattune.sampling: the same rules and transformers'
+    processors as `generate`), built once per request, and its own random generator when it is seeded."""
 
-    def __post_init__(self):
-        if self.temperature > 0 and self.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.seed)
+    def __init__(self, settings: SamplingSettings | None = None):
+        self.settings = settings or SamplingSettings()
+        self.processors = self.settings.processors()
+        seeded = not self.settings.greedy and self.settings.seed is not None
+        self.generator = torch.Generator().manual_seed(self.settings.seed) if seeded else None
+
+    @property
+    def repetition_penalty(self) -> float:
+        return self.settings.repetition_penalty
 
     def choose(self, logits: torch.Tensor, seen: list[int]) -> int:
         """The next token from one row's logits [V] (`seen`: prompt and answer so far, for the repetition penalty)."""
-        if self.repetition_penalty != 1.0 and seen:  # as transformers' RepetitionPenaltyLogitsProcessor
-            index = torch.tensor(sorted(set(seen)), device=logits.device)
-            picked = logits[index]
-            logits = logits.clone()
-            logits[index] = torch.where(picked < 0, picked * self.repetition_penalty, picked / self.repetition_penalty)
-        if self.temperature <= 0:
-            return int(logits.argmax())
-        probs = F.softmax(logits / self.temperature, dim=-1)
-        if self.top_p < 1.0:  # nucleus: the smallest set of tokens whose probability reaches top_p
-            sorted_probs, order = probs.sort(descending=True)
-            outside = sorted_probs.cumsum(-1) - sorted_probs >= self.top_p
-            sorted_probs[outside] = 0
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        return int(torch.multinomial(probs.cpu(), 1, generator=self.generator))
+        return choose_token(self.settings, self.processors, logits, seen, self.generator)
 
 
 def _decode_alone(model, prompt: list[int], pad_id: int, steps: int, decode=None) -> torch.Tensor:
@@ -170,15 +160,11 @@ def _generate_alone(model, prompt: list[int], pad_id: int, steps: int) -> list[i
     return out[0, len(prompt):].tolist()
 
 
-def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
-    return got.shape == want.shape and torch.allclose(got, want, atol=1e-3, rtol=1e-3) \
-        and torch.equal(got.argmax(-1), want.argmax(-1))
-
-
 @torch.inference_mode()
 def step_matches_transformers(model, decode, pad_id: int, steps: int = 4) -> bool:
-    """`decode` (a DecodeStep) gives the logits of the model's own forward (to float noise) on two prompts of
-    different lengths decoded together, left-padded, over `steps` tokens. Checked once per loaded model."""
+    """`decode` (a DecodeStep) gives the logits of the model's own forward on two prompts of different lengths
+    decoded together, left-padded, over `steps` tokens: the same argmax, differences within the rounding of the
+    model's dtype (models/checks.py: `same_logits`). Checked once per loaded model."""
     prompts = list(PROBE)
     feed = [[prompts[0][i % 7], prompts[1][i % 2]] for i in range(steps)]  # the same tokens for both runs
     runs = []
@@ -189,15 +175,15 @@ def step_matches_transformers(model, decode, pad_id: int, steps: int = 4) -> boo
             runs.append(torch.stack([batch.step(model, tokens, d) for tokens in feed]))
     except Exception:  # noqa: BLE001 - a model the step cannot drive decodes through transformers
         return False
-    return _close(runs[1], runs[0])
+    return same_logits(runs[1], runs[0], model_dtype(model))
 
 
 @torch.inference_mode()
 def batching_is_exact(model, pad_id: int, steps: int = 3, decode=None) -> bool:
     """The engine reproduces transformers' greedy decoding, and two prompts of different lengths decoded together
-    give the logits each gives alone (to float noise) — with a row joining a running batch and staying on after the
-    other leaves. Checked once per loaded model, with the decode step it will use; False for anything the engine
-    cannot drive."""
+    give the logits each gives alone (`same_logits`: the same argmax, within the rounding of the model's dtype) —
+    with a row joining a running batch and staying on after the other leaves. Checked once per loaded model, with
+    the decode step it will use; False for anything the engine cannot drive."""
     config = getattr(model, "active_peft_config", None)
     if config is not None and getattr(config, "is_prompt_learning", False):
         return False  # P-tuning v2: peft supplies the prefix as the model's cache on every forward
@@ -220,4 +206,5 @@ def batching_is_exact(model, pad_id: int, steps: int = 3, decode=None) -> bool:
         rows[1].append(batch.step(model, [int(rows[1][-1].argmax())], decode)[0])
     except Exception:  # noqa: BLE001 - any model this cannot drive is served one request at a time
         return False
-    return all(_close(torch.stack(got), want) for got, want in zip(rows, expected))
+    dtype = model_dtype(model)
+    return all(same_logits(torch.stack(got), want, dtype) for got, want in zip(rows, expected))

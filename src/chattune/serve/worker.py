@@ -24,6 +24,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 from chattune.models.decode_step import DecodeStep, install_for_generate, why_not
+from chattune.sampling import SamplingSettings, StopStrings
 from chattune.serve.engine import Batch, Sampling, batching_is_exact, prefill, step_matches_transformers
 
 
@@ -31,10 +32,8 @@ from chattune.serve.engine import Batch, Sampling, batching_is_exact, prefill, s
 class Job:
     prompt_ids: list[int]
     max_new_tokens: int
-    temperature: float
-    top_p: float
+    sampling: SamplingSettings  # chattune.sampling: the request's settings with the model's generation_config
     stop: list[str]
-    seed: int | None
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
@@ -46,7 +45,7 @@ class Job:
     def solo(self) -> bool:
         """Seeded sampling runs alone: batched logits differ from lone ones by float noise, which could change a
         sampled token, and a seed promises the same answer every time."""
-        return self.temperature > 0 and self.seed is not None
+        return not self.sampling.greedy and self.sampling.seed is not None
 
     def result(self, new: list[int], text: str, hit_stop: bool) -> dict:
         return {"text": text, "completion_tokens": len(new), "prompt_tokens": len(self.prompt_ids),
@@ -76,13 +75,34 @@ class _Pieces(TextStreamer):
 class _Row:
     """One request decoding in the batch: its tokens so far, how it samples, and whether it has ended."""
 
-    def __init__(self, job: Job, tokenizer, stop_ids: list[int], repetition_penalty: float):
+    def __init__(self, job: Job, tokenizer, stop_ids: list[int]):
         self.job, self.tokenizer, self.stop_ids = job, tokenizer, stop_ids
-        self.sampling = Sampling(job.temperature, job.top_p, job.seed, repetition_penalty)
+        self.sampling = Sampling(job.sampling)
+        self.stops = StopStrings(job.stop)
         self.streamer = _Pieces(tokenizer, job)
         self.streamer.put(torch.tensor(job.prompt_ids))  # the prompt, which the streamer skips
         self.new: list[int] = []
         self.result: dict | None = None
+        self.error: BaseException | None = None  # this row's own failure (the others go on)
+
+    @property
+    def finished(self) -> bool:
+        return self.result is not None or self.error is not None
+
+    def report(self) -> None:
+        """Send this finished row's outcome to its request."""
+        if self.error is not None:
+            self.job.emit("error", self.error)
+        else:
+            self.job.emit("done", self.result)
+
+    def take_or_fail(self, logits: torch.Tensor) -> None:
+        """`take`, with a failure (e.g. a sampling error) kept as this row's own."""
+        try:
+            self.take(logits)
+        except Exception as e:  # noqa: BLE001 - this request fails, the batch goes on
+            self.error = e
+            self.streamer.end()
 
     def take(self, logits: torch.Tensor) -> None:
         """Choose the next token from this row's logits [V]; set `result` when the answer is complete."""
@@ -91,21 +111,29 @@ class _Row:
         token = self.sampling.choose(logits, seen)
         self.new.append(token)
         self.streamer.put(torch.tensor([token]))
-        hit_stop, text = token in self.stop_ids, None
-        if not hit_stop and self.job.stop:
-            text = self.tokenizer.decode(self.new, skip_special_tokens=True)
-            hit_stop = any(s in text for s in self.job.stop)
+        hit_stop = token in self.stop_ids or (bool(self.stops) and self._stop_string_ended())
         if hit_stop or len(self.new) >= self.job.max_new_tokens or self.job.cancel.is_set():
             self.streamer.end()
-            if text is None:
-                text = self.tokenizer.decode(self.new, skip_special_tokens=True)
-            self.result = self.job.result(self.new, text, hit_stop)
+            self.result = self.job.result(self.new, self.tokenizer.decode(self.new, skip_special_tokens=True),
+                                          hit_stop)
+
+    def _stop_string_ended(self) -> bool:
+        """Did the newest token complete a stop string? Only the last tokens are decoded: a stop string of n
+        characters that ends in this token starts at most n tokens back (a token is at least one character), and
+        8 tokens more keep the window's own start (where a decoder may drop a leading space) away from it."""
+        window = self.new[-(self.stops.longest + 8):]
+        return self.stops.find(self.tokenizer.decode(window, skip_special_tokens=True)) >= 0
 
 
 class Worker:
     def __init__(self, tuned, max_queue: int = 16, max_batch: int = 8, decode_step: str = "auto"):
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be at least 1 (got {max_queue})")
         self.tuned = tuned
-        self.jobs: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
+        self.max_queue = max_queue
+        # The bound covers both places a waiting request can be (submit checks `waiting`): the queue and the
+        # solo (seeded) jobs taken from it while a batch ran.
+        self.jobs: queue.Queue[Job] = queue.Queue()
         self.deferred: collections.deque[Job] = collections.deque()  # solo jobs taken from the queue, not yet run
         self.busy = threading.Event()
         self.max_batch = max(1, max_batch)
@@ -147,7 +175,9 @@ class Worker:
         return "chattune" if self.decode is not None or self.generate_step else "transformers"
 
     def submit(self, job: Job) -> None:
-        """Queue a job; raises queue.Full when max_queue jobs are already waiting."""
+        """Queue a job; raises queue.Full when max_queue jobs are already waiting (queued or deferred)."""
+        if self.waiting >= self.max_queue:
+            raise queue.Full
         self.jobs.put_nowait(job)
 
     @property
@@ -168,12 +198,15 @@ class Worker:
             idle = not (running or taken)
             if self.deferred and idle:
                 job = self.deferred.popleft()
+            elif self.deferred:
+                break  # a seeded job waits for the batch to drain: nothing new joins it meanwhile, so it cannot starve
             else:
                 try:
                     job = self.jobs.get() if idle else self.jobs.get_nowait()
                 except queue.Empty:
                     break
             if job.cancel.is_set():
+                job.emit("done", job.result([], "", False))  # its handler (if still there) returns at once
                 continue
             if job.solo and not idle:
                 self.deferred.append(job)
@@ -187,7 +220,6 @@ class Worker:
     def _run_batched(self, pad_id: int) -> None:
         t = self.tuned
         model, stop_ids = t.model, t.stop_ids
-        penalty = float(getattr(getattr(model, "generation_config", None), "repetition_penalty", None) or 1.0)
         rows: list[_Row] = []
         batch: Batch | None = None
         while True:
@@ -195,22 +227,21 @@ class Worker:
             try:
                 if newcomers:
                     self.busy.set()
-                    logits, cache, mask = prefill(model, [j.prompt_ids for j in newcomers], pad_id)
-                    fresh = Batch.start(cache, mask)
-                    if batch is None:
-                        batch = fresh
-                    else:
-                        batch.merge(fresh)
-                    for job, row_logits in zip(newcomers, logits):
-                        rows.append(_Row(job, t.tokenizer, stop_ids, penalty))
-                        rows[-1].take(row_logits)
+                    for group, logits, fresh in self._prefill(model, newcomers, pad_id):
+                        if batch is None:
+                            batch = fresh
+                        else:
+                            batch.merge(fresh)
+                        for job, row_logits in zip(group, logits):
+                            rows.append(_Row(job, t.tokenizer, stop_ids))
+                            rows[-1].take_or_fail(row_logits)
                     newcomers = []
                     self.largest_batch = max(self.largest_batch, len(rows))
-                going = [i for i, r in enumerate(rows) if r.result is None]
+                going = [i for i, r in enumerate(rows) if not r.finished]
                 if len(going) < len(rows):
                     for r in rows:
-                        if r.result is not None:
-                            r.job.emit("done", r.result)
+                        if r.finished:
+                            r.report()
                     rows = [rows[i] for i in going]
                     if rows:
                         batch.keep(going)
@@ -219,17 +250,35 @@ class Worker:
                     self.busy.clear()
                     continue
                 for r, row_logits in zip(rows, batch.step(model, [r.new[-1] for r in rows], self.decode)):
-                    r.take(row_logits)
-            except Exception as e:  # noqa: BLE001 - reported to every request in the batch; the worker lives on
-                for job in [r.job for r in rows if r.result is None] + newcomers:
+                    r.take_or_fail(row_logits)
+            except Exception as e:  # noqa: BLE001 - a forward pass of the whole batch failed; the worker lives on
+                for r in rows:  # a row that had finished still gets its answer; the others get the error
+                    if r.finished:
+                        r.report()
+                    else:
+                        r.job.emit("error", e)
+                for job in newcomers:
                     job.emit("error", e)
                 rows, batch = [], None
                 self.busy.clear()
+
+    def _prefill(self, model, jobs: list[Job], pad_id: int) -> list[tuple[list[Job], torch.Tensor, Batch]]:
+        """Prefill `jobs` together; when that fails (e.g. out of memory on a long prompt), each on its own, so
+        only the prompt that cannot be prefilled fails (its request gets the error)."""
+        try:
+            logits, cache, mask = prefill(model, [j.prompt_ids for j in jobs], pad_id)
+            return [(jobs, logits, Batch.start(cache, mask))]
+        except Exception as e:  # noqa: BLE001 - see the docstring
+            if len(jobs) == 1:
+                jobs[0].emit("error", e)
+                return []
+            return [part for job in jobs for part in self._prefill(model, [job], pad_id)]
 
     def _run_one_at_a_time(self) -> None:
         while True:
             job = self.deferred.popleft() if self.deferred else self.jobs.get()
             if job.cancel.is_set():
+                job.emit("done", job.result([], "", False))  # its handler (if still there) returns at once
                 continue
             self.busy.set()
             try:
@@ -249,12 +298,9 @@ class Worker:
                       streamer=_Pieces(t.tokenizer, job), stopping_criteria=StoppingCriteriaList([_Cancelled(job.cancel)]))
         if job.stop:
             kwargs.update(stop_strings=job.stop, tokenizer=t.tokenizer)
-        if job.temperature > 0:
-            if job.seed is not None:
-                torch.manual_seed(job.seed)
-            kwargs.update(do_sample=True, temperature=job.temperature, top_p=job.top_p, top_k=0)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if not job.sampling.greedy and job.sampling.seed is not None:
+            torch.manual_seed(job.sampling.seed)
+        kwargs.update(job.sampling.generate_kwargs())
         with torch.no_grad():
             out = t.model.generate(**kwargs)
         new = out[0, ids.shape[1]:].tolist()

@@ -29,20 +29,17 @@ import shutil
 import torch
 
 from chattune.errors import ConfigError
+from chattune.models.layers import decoder_layers as find_decoder_layers
 
 AUTO_MIN_STEPS = 200
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:
-    """The decoder layers: the longest `nn.ModuleList` whose entries are all of one class (found by structure,
-    not by attribute names, so remote-code models work too)."""
-    best: list[torch.nn.Module] = []
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) > len(best):
-            kinds = {type(m) for m in module}
-            if len(kinds) == 1 and any(True for _ in next(iter(module)).parameters()):
-                best = list(module)
-    return best
+    """The decoder layers, each compiled on its own (models/layers.py: `decoder_layers`, found by structure, so
+    remote-code models work too and a mixture-of-experts layer's experts are never taken for them); [] where there
+    is no such list."""
+    found = find_decoder_layers(model)
+    return list(found[1]) if found is not None else []
 
 
 def check_compile(setting, device: str, distributed_engine: bool) -> None:

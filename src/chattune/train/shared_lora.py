@@ -15,10 +15,10 @@ unchanged.
 
 Which modules share an input is observed, not assumed from names: a probe forward pass over a few tokens records
 the input tensor each adapted layer receives, and layers that received the same tensor object form a group
-(`install`). At run time a member uses the group's product only when it is called with that same tensor (same
-object, unmodified); anything else (another input, adapters switched off or merged, several or non-vanilla
-adapters, mixed-batch adapter names, a dtype cast) falls back to peft's own forward for that call, so the maths
-never depends on the guess.
+(`install`; the probe is models/layers.py's `shared_input_groups`, next to the names known to share an input). At
+run time a member uses the group's product only when it is called with that same tensor (same object, unmodified);
+anything else (another input, adapters switched off or merged, several or non-vanilla adapters, mixed-batch adapter
+names, a dtype cast) falls back to peft's own forward for that call, so the maths never depends on the guess.
 
 Exactness: with `lora.dropout=0` the result is peft's, up to the summation order of the products (tested to 1e-5
 on losses and gradients). With dropout > 0 the members of a group share one dropout mask instead of drawing one
@@ -38,6 +38,9 @@ import types
 
 import torch
 import torch.nn.functional as F
+
+from chattune.models.layers import known_shared
+from chattune.models.layers import shared_input_groups as probe_shared_inputs
 
 
 def _lora_linear_class():
@@ -60,9 +63,10 @@ def _adapter(module) -> str | None:
     return name
 
 
-class _Group:
-    """Adapted layers that read one input. Holds, between the members' calls, the input it was computed for and the
-    pieces of the shared product that members have not taken yet."""
+class _SharedProduct:
+    """The shared down-projection of adapted layers that read one input: holds, between the members' calls, the
+    input it was computed for and the pieces of the product `dropout(x) @ cat(A...).T` that members have not taken
+    yet."""
 
     def __init__(self, members: list):
         self.members = members
@@ -98,7 +102,7 @@ class _Group:
         return piece
 
 
-def _shared_forward(module, group: _Group, index: int):
+def _shared_forward(module, group: _SharedProduct, index: int):
     original = type(module).forward
 
     def forward(self, x, *args, **kwargs):
@@ -126,38 +130,11 @@ def _same_dropout(members) -> bool:
 
 
 def shared_input_groups(model, probe_ids: torch.Tensor) -> list[list]:
-    """Groups (of at least two) of peft LoRA Linear modules that receive the same input tensor in a forward pass
-    over `probe_ids`, in call order."""
+    """Groups (of at least two) of active vanilla peft LoRA Linear modules that receive the same input tensor in a
+    forward pass over `probe_ids` (models/layers.py's probe), in call order, with one dropout rate each."""
     linear = _lora_linear_class()
-    seen: dict[int, list] = {}
-    keep = []  # hold the inputs, so that no id is reused during the probe
-    hooks = []
-
-    def record(module, args):
-        if args:
-            keep.append(args[0])
-            seen.setdefault(id(args[0]), []).append(module)
-
-    for module in model.modules():
-        if type(module) is linear and _adapter(module) is not None:
-            hooks.append(module.register_forward_pre_hook(record))
-    if not hooks:
-        return []
-    try:
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            model(input_ids=probe_ids)
-    finally:
-        for hook in hooks:
-            hook.remove()
-        model.train(was_training)
-    groups = []
-    for members in seen.values():
-        unique = list(dict.fromkeys(members))
-        if len(unique) >= 2 and len(unique) == len(members) and _same_dropout(unique):
-            groups.append(unique)
-    return groups
+    adapted = [m for m in model.modules() if type(m) is linear and _adapter(m) is not None]
+    return [members for members in probe_shared_inputs(model, adapted, probe_ids) if _same_dropout(members)]
 
 
 def install(model, probe_ids: torch.Tensor | None = None) -> int:
@@ -169,7 +146,7 @@ def install(model, probe_ids: torch.Tensor | None = None) -> int:
         probe_ids = torch.tensor([family_probe(model.config, [1, 2, 3, 4])], device=device)
     groups = shared_input_groups(model, probe_ids)
     for members in groups:
-        group = _Group(members)
+        group = _SharedProduct(members)
         for index, module in enumerate(members):
             module.forward = _shared_forward(module, group, index)
             module._chattune_shared = group
@@ -183,24 +160,18 @@ def uninstall(model) -> None:
             del module._chattune_shared
 
 
-# Sibling layers known to read one input in common architectures, for `chattune estimate`, which has no weights
-# to run the probe with (Llama/Mistral/Qwen, Mixtral-style w1/w3, BERT-style query/key/value).
-KNOWN_SHARED = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"}, {"w1", "w3"}, {"query", "key", "value"})
-
-
 def masks_kept(layer) -> list[int]:
     """The input widths of the dropout masks (each kept with its dropped-out input for backward) one decoder layer
-    holds with shared masks: one per group of adapted siblings named in KNOWN_SHARED, one per other adapted layer."""
+    holds with shared masks, for `chattune estimate`, which has no weights to run the probe with: one per group of
+    adapted siblings named in models/layers.py's KNOWN_SHARED, one per other adapted layer."""
     widths = []
     for parent in layer.modules():
         adapted = {name: child for name, child in parent.named_children()
                    if hasattr(child, "lora_dropout") and hasattr(child, "in_features")}
-        for group in KNOWN_SHARED:
-            members = sorted(group & adapted.keys())
-            if len(members) > 1:
-                widths.append(adapted[members[0]].in_features)
-                for name in members:
-                    del adapted[name]
+        for members in known_shared(adapted):
+            widths.append(adapted[members[0]].in_features)
+            for name in members:
+                del adapted[name]
         widths.extend(child.in_features for child in adapted.values())
     return widths
 

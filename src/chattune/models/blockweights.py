@@ -1,5 +1,5 @@
-"""Lossless low-bit weights for decoding on a CPU: a linear layer whose fp32 weights are exactly 4-bit or 8-bit
-block values is computed from those few bytes instead of from the fp32 copy.
+"""Block weights, lossless low-bit weights for decoding on a CPU: a linear layer whose fp32 weights are exactly
+4-bit or 8-bit block values is computed from those few bytes instead of from the fp32 copy.
 
 Why: one decode step multiplies a handful of rows by every weight, so on a CPU it is bound by reading the weights
 from memory. The bundled model is converted from a GGUF file whose linear layers are Q4_1 (blocks of 32: w =
@@ -9,8 +9,8 @@ fp32 activations by such blocks without first expanding them (its int8 weight-on
 than fp32 here, and dynamic quantisation changes the activations), so this module carries one, in C with AVX2,
 compiled once with the system's C compiler and loaded with ctypes.
 
-Exactness: a layer is packed only when its blocks, expanded again in fp32 exactly as the GGUF reader did, give
-back every one of its fp32 weights bit for bit; otherwise it stays fp32 (e.g. layers merged with an adapter or
+Exactness: a layer is read from its blocks only when they, expanded again in fp32 exactly as the GGUF reader did,
+give back every one of its fp32 weights bit for bit; otherwise it stays fp32 (e.g. layers merged with an adapter or
 trained in full). What differs from the fp32 matmul is only the order in which the products are summed, which is
 float noise (tested against the fp32 result); a row's result never depends on the other rows of the batch. Only
 calls with at most `MAX_ROWS` rows (decode steps) use the kernel; longer inputs (prefill) go to torch's matmul,
@@ -19,7 +19,7 @@ and so does anything that needs gradients.
 The same library carries one decoder layer of a decode step in two C calls (`layer_front`: RMSNorm, the fused
 q/k/v projection, the rotary rotation; `layer_back`: attention over the cache, o_proj, residual, RMSNorm, the
 fused gate/up projection, SiLU, down_proj, residual), which models/decode_step.py uses for Llama-layout layers whose
-projections are all packed: a layer then costs two calls from Python instead of some thirty tensor ops.
+projections are all read from blocks: a layer then costs two calls from Python instead of some thirty tensor ops.
 
 The kernel parallelises with OpenMP: linked against libgomp by soname, it shares the runtime torch already loaded
 (and torch's thread count), so the two never compete with two pools of spinning threads.
@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-MAX_ROWS = 32  # measured: at 32 rows the packed kernel still beats fp32 (157 vs 200 ms a step), at prefill sizes not
+MAX_ROWS = 32  # measured: at 32 rows the block kernel still beats fp32 (157 vs 200 ms a step), at prefill sizes not
 BLOCK = 32
 
 _SOURCE = r"""
@@ -308,7 +308,7 @@ def _library():
         return _LIB
     digest = hashlib.sha256(_SOURCE.encode()).hexdigest()[:16]
     folder = kernel_cache_dir()
-    so = folder / f"packed-{digest}.so"
+    so = folder / f"packed-{digest}.so"  # the builds keep the module's former name: existing ones are reused
     if not so.exists():
         folder.mkdir(parents=True, exist_ok=True)
         src = folder / f"packed-{digest}.c"
@@ -335,7 +335,7 @@ def _library():
 
 
 class Proj(ctypes.Structure):
-    """The C side's `Proj`: a packed projection with its bias and LoRA adapters (addresses; 0 for none)."""
+    """The C side's `Proj`: a block-weight projection with its bias and LoRA adapters (addresses; 0 for none)."""
     _fields_ = [("kind", ctypes.c_int), ("w", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("la", ctypes.c_void_p),
                 ("lbt", ctypes.c_void_p), ("rank", ctypes.c_int)]
 
@@ -388,7 +388,7 @@ def q8_blocks(w: torch.Tensor):
     return q.to(torch.int8), d
 
 
-def pack_q4(w: torch.Tensor) -> torch.Tensor | None:
+def q4_layout(w: torch.Tensor) -> torch.Tensor | None:
     """The kernel's Q4 layout of `w` [O, K] (uint8 [O, K/32*20]: per block d, mn as fp16, then 16 bytes of two
     nibbles), or None if `w` is not exactly such blocks."""
     found = q4_blocks(w)
@@ -399,7 +399,7 @@ def pack_q4(w: torch.Tensor) -> torch.Tensor | None:
     return torch.cat([_halves(d), _halves(mn), nibbles], dim=-1).reshape(w.shape[0], -1).contiguous()
 
 
-def pack_q8(w: torch.Tensor) -> torch.Tensor | None:
+def q8_layout(w: torch.Tensor) -> torch.Tensor | None:
     """The kernel's Q8 layout (uint8 [O, K/32*34]: per block d as fp16, then 32 int8), or None."""
     found = q8_blocks(w)
     if found is None:
@@ -408,54 +408,55 @@ def pack_q8(w: torch.Tensor) -> torch.Tensor | None:
     return torch.cat([_halves(d), q.view(torch.uint8)], dim=-1).reshape(w.shape[0], -1).contiguous()
 
 
-class Packed:
+class BlockWeight:
     """A weight in the kernel's layout: kind "q4" or "q8", the uint8 tensor and its address."""
 
     def __init__(self, kind: str, data: torch.Tensor):
         self.kind, self.data, self.ptr = kind, data, data.data_ptr()
 
     @classmethod
-    def of(cls, w: torch.Tensor) -> "Packed | None":
+    def of(cls, w: torch.Tensor) -> "BlockWeight | None":
         with torch.no_grad():
-            data = pack_q4(w.detach())
+            data = q4_layout(w.detach())
             if data is not None:
                 return cls("q4", data)
-            data = pack_q8(w.detach())
+            data = q8_layout(w.detach())
             return cls("q8", data) if data is not None else None
 
 
-def packed_linear(x: torch.Tensor, packed: Packed, out_features: int, bias: torch.Tensor | None = None):
-    """x [..., K] (fp32) times the packed weight; the same as F.linear up to the order of the sums."""
+def block_linear(x: torch.Tensor, weight: BlockWeight, out_features: int, bias: torch.Tensor | None = None):
+    """x [..., K] (fp32) times the block weight; the same as F.linear up to the order of the sums."""
     lib = _LIB or _library()
     k = x.shape[-1]
     if not x.is_contiguous():
         x = x.contiguous()
     m = x.numel() // k
     y = torch.empty(x.shape[:-1] + (out_features,), dtype=torch.float32)
-    if packed.kind == "q4":
-        lib.q4_matmul(x.data_ptr(), m, k, packed.ptr, out_features, y.data_ptr(), torch.get_num_threads())
+    if weight.kind == "q4":
+        lib.q4_matmul(x.data_ptr(), m, k, weight.ptr, out_features, y.data_ptr(), torch.get_num_threads())
     else:
-        lib.q8_matmul(x.data_ptr(), m, k, packed.ptr, out_features, y.data_ptr(), torch.get_num_threads())
+        lib.q8_matmul(x.data_ptr(), m, k, weight.ptr, out_features, y.data_ptr(), torch.get_num_threads())
     if bias is not None:
         y += bias
     return y
 
 
 def _forward(self, x: torch.Tensor) -> torch.Tensor:
-    """nn.Linear.forward of a packed layer: the kernel for a few fp32 CPU rows without autograd, else torch."""
+    """nn.Linear.forward of a layer read from its blocks: the kernel for a few fp32 CPU rows without autograd, else
+    torch."""
     if x.numel() <= MAX_ROWS * x.shape[-1] and x.dtype == torch.float32 and not x.is_cuda \
             and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
-        return packed_linear(x, self._chattune_packed, self.out_features, self.bias)
+        return block_linear(x, self._chattune_packed, self.out_features, self.bias)
     return F.linear(x, self.weight, self.bias)
 
 
-def pack_model(model: torch.nn.Module) -> dict:
-    """Give every CPU fp32 nn.Linear whose weight is exactly Q4_1 or Q8_0 blocks the packed decode path (in place;
-    the fp32 weights stay, for longer inputs and gradients). Returns how many linear layers got which:
-    {"q4": n, "q8": n, "fp32": n}. A weight shared by several layers is packed once. For models that are only
+def attach_block_weights(model: torch.nn.Module) -> dict:
+    """Give every CPU fp32 nn.Linear whose weight is exactly Q4_1 or Q8_0 blocks the block-weight decode path (in
+    place; the fp32 weights stay, for longer inputs and gradients). Returns how many linear layers got which:
+    {"q4": n, "q8": n, "fp32": n}. A weight shared by several layers is converted once. For models that are only
     run from now on (`serve`, `chat`): the blocks are a copy, so weights changed later would not be seen."""
     counts = {"q4": 0, "q8": 0, "fp32": 0}
-    done: dict[int, Packed | None] = {}
+    done: dict[int, BlockWeight | None] = {}
     for module in model.modules():
         if type(module) is not torch.nn.Linear:
             continue
@@ -464,20 +465,21 @@ def pack_model(model: torch.nn.Module) -> dict:
             counts["fp32"] += 1
             continue
         if w.data_ptr() not in done:
-            done[w.data_ptr()] = Packed.of(w)
-        packed = done[w.data_ptr()]
-        if packed is None:
+            done[w.data_ptr()] = BlockWeight.of(w)
+        blocks = done[w.data_ptr()]
+        if blocks is None:
             counts["fp32"] += 1
             continue
-        module._chattune_packed = packed
+        module._chattune_packed = blocks  # (attribute name kept: models/decode_step.py and evaluate/run.py read it)
         module.forward = types.MethodType(_forward, module)
-        counts[packed.kind] += 1
+        counts[blocks.kind] += 1
     return counts
 
 
 def enable(model: torch.nn.Module, log=print) -> dict | None:
-    """Switch a loaded CPU fp32 model to the packed decode path where its weights allow it, saying what was done.
-    Returns pack_model's counts, or None where nothing changed (GPU, other dtypes, no kernel, no exact layer)."""
+    """Switch a loaded CPU fp32 model to the block-weight decode path where its weights allow it, saying what was
+    done. Returns attach_block_weights' counts, or None where nothing changed (GPU, other dtypes, no kernel, no exact
+    layer)."""
     try:
         param = next(model.parameters())
     except StopIteration:
@@ -488,7 +490,7 @@ def enable(model: torch.nn.Module, log=print) -> dict | None:
     if why:
         log(f"decode: torch's fp32 matmuls ({why}; the packed-weight kernel needs AVX2 and a C compiler)")
         return None
-    counts = pack_model(model)
+    counts = attach_block_weights(model)
     total = sum(counts.values())
     if counts["q4"] + counts["q8"] == 0:
         log("decode: torch's fp32 matmuls (no linear layer's weights are exactly 4-bit or 8-bit blocks)")
@@ -496,5 +498,5 @@ def enable(model: torch.nn.Module, log=print) -> dict | None:
     rest = f", {counts['fp32']} others in fp32" if counts["fp32"] else ""
     log(f"decode: {counts['q4'] + counts['q8']} of {total} linear layers read from the exact 4-/8-bit blocks their "
         f"fp32 weights hold ({counts['q4']} Q4_1, {counts['q8']} Q8_0{rest}): the same weights in fewer bytes per "
-        "token (--packed off: fp32 matmuls)")
+        "token (--block-weights off: fp32 matmuls)")
     return counts

@@ -35,8 +35,8 @@ from chattune.data.templates import (
     QWEN_TOOLS_FOOTER,
     QWEN_TOOLS_HEADER,
     GLMTemplate,
-    JinjaTemplate,
     Template,
+    TokenizerTemplate,
 )
 from chattune.errors import ConfigError
 from chattune.outputs import atomic_write_text
@@ -86,7 +86,7 @@ def to_messages(conv: Conversation, group_calls: bool = False) -> tuple[list[dic
 # ---------------------------------------------------------------- the templates
 # Written in the style of the publishers' own templates (every statement `{%- ... %}`, every output `{{- ... }}`):
 # transformers renders with trim_blocks and lstrip_blocks, and this way no layout whitespace reaches the output.
-# `@NAME@` marks a constant of templates.py, filled in as a JSON string literal (jinja reads those alike).
+# `@NAME@` marks a constant of chattune.data.templates, filled in as a JSON string literal (jinja reads those alike).
 
 _COMMON = r"""
 {%- if messages and messages[0].role == 'system' %}
@@ -353,7 +353,7 @@ def _fill(template: str, **constants: str) -> str:
 def chat_template_jinja(template: Template, tokenizer=None) -> str:
     """The jinja chat template that renders, through `apply_chat_template`, exactly this template's text; for
     `auto`, the tokenizer's own template. `tokenizer` decides the GLM content prefix (see content_prefix)."""
-    if isinstance(template, JinjaTemplate):
+    if isinstance(template, TokenizerTemplate):
         own = template.tokenizer.chat_template
         return own if isinstance(own, str) else own["default"]
     if template.name == "chatml":
