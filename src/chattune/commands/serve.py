@@ -2,7 +2,7 @@
 
 The `key=value` items: the KEYS below and `train`'s `model.*` keys (commands.MODEL_KEYS)."""
 
-from chattune.commands import add_decode_step_option, add_overrides, add_packed_option
+from chattune.commands import add_block_weights_option, add_decode_step_option, add_overrides
 
 HELP = "serve a model: OpenAI-compatible /v1/chat/completions and a web chat page at /"
 
@@ -23,15 +23,28 @@ def configure(p) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (or env CHATTUNE_API_KEY)")
-    p.add_argument("--max-queue", type=int, default=16, help="requests that may wait; more get 503 + Retry-After")
-    p.add_argument("--max-batch", type=int, default=8,
+    p.add_argument("--max-queue", type=_at_least_one, default=16,
+                   help="requests that may wait (at least 1); more get 503 + Retry-After")
+    p.add_argument("--max-batch", type=_at_least_one, default=8,
                    help="requests decoded together (continuous batching); 1: one at a time")
-    p.add_argument("--max-tokens", type=int, default=512, help="default max_tokens of a request")
+    p.add_argument("--max-tokens", type=_at_least_one, default=512, help="default max_tokens of a request")
     p.add_argument("--device-map", default=None, help="`auto`: spread a large model over the visible GPUs")
     p.add_argument("--template", help="override the template (default: the one the run used); = template=NAME")
-    add_packed_option(p)
+    add_block_weights_option(p)
     add_decode_step_option(p)
     add_overrides(p, KEYS)
+
+
+def _at_least_one(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed: give at least 1")
+    return value
 
 
 def load(args, log=print):
@@ -44,7 +57,7 @@ def load(args, log=print):
     cfg, _, kwargs = model_config("serve", args.adapter, args.model, overrides, KEYS, hints=HINTS, log=log)
     args.decode_step = decode_step_choice(args.decode_step, cfg, log)
     return load_tuned(adapter=args.adapter, model=args.model, log=log, device_map=args.device_map,
-                      packed=args.packed == "auto", **kwargs)
+                      packed=args.block_weights == "auto", **kwargs)
 
 
 def run(args) -> int:
@@ -62,7 +75,7 @@ def run(args) -> int:
 
     key = args.api_key or os.environ.get("CHATTUNE_API_KEY") or None
     app = create_app(tuned, api_key=key, max_queue=args.max_queue, default_max_tokens=args.max_tokens,
-                     max_batch=args.max_batch, decode_step=args.decode_step)
+                     max_batch=args.max_batch, decode_step=args.decode_step, bind_host=args.host)
     worker = app.state.worker
     batching = (f"continuous batching of up to {worker.max_batch} requests" if worker.batching else
                 "one request at a time" + (" (this model cannot be batched exactly)" if worker.max_batch > 1 else ""))

@@ -52,9 +52,53 @@ def _number(body: dict, key: str, kind, low=None, high=None, default=None):
     return kind(value)
 
 
+# Request fields this server reads. Every other field is refused by name (400), never silently ignored.
+HONOURED = {"messages", "model", "stream", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop",
+            "seed", "tools", "tool_choice", "n", "user", "stream_options", "presence_penalty", "frequency_penalty",
+            "logit_bias", "logprobs", "top_logprobs", "response_format", "parallel_tool_calls"}
+# OpenAI fields accepted only at the value that asks for nothing this server would have to do
+NEUTRAL = {"presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logit_bias": ({},), "logprobs": (False,),
+           "top_logprobs": (0,), "parallel_tool_calls": (True,)}
+
+
+def _refuse_unsupported(body: dict) -> None:
+    unknown = sorted(k for k in body if k not in HONOURED)
+    if unknown:
+        raise ApiError(400, f"unsupported parameter `{unknown[0]}`: this server does not implement it (it reads "
+                            f"{', '.join(sorted(HONOURED - {'user'}))})", unknown[0], "unsupported_parameter")
+    for key, allowed in NEUTRAL.items():
+        value = body.get(key)
+        if value is not None and not (value in allowed and type(value) in {type(a) for a in allowed}):
+            raise ApiError(400, f"`{key}`={value!r} is not supported by this server (only {allowed[0]!r})", key,
+                           "unsupported_parameter")
+    fmt = body.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        raise ApiError(400, f"`response_format`={fmt!r} is not supported: this server answers in text only "
+                            '(`{"type": "text"}`)', "response_format", "unsupported_parameter")
+    options = body.get("stream_options")
+    if options is not None and (not isinstance(options, dict) or set(options) - {"include_usage"}):
+        raise ApiError(400, "`stream_options` takes only `include_usage` here (the last chunk carries usage)",
+                       "stream_options", "unsupported_parameter")
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise ApiError(400, "`user` must be a string", "user")
+
+
+def _tool_choice(body: dict, tools: list[dict] | None) -> list[dict] | None:
+    """`auto` (the default) offers the tools; `none` answers without them; forcing a call is not supported."""
+    choice = body.get("tool_choice")
+    if choice in (None, "auto"):
+        return tools
+    if choice == "none":
+        return None
+    raise ApiError(400, f"`tool_choice`={choice!r} is not supported: this server can offer tools (`auto`) or not "
+                        "(`none`), not force a call", "tool_choice", "unsupported_parameter")
+
+
 def parse_params(body: Any) -> Params:
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
+    _refuse_unsupported(body)
     n = body.get("n", 1)
     if n not in (1, None):
         raise ApiError(400, f"`n`={n!r} is not supported: this server returns one choice per request", "n",
@@ -79,7 +123,7 @@ def parse_params(body: Any) -> Params:
                   top_p=_number(body, "top_p", float, 0, 1, 1.0),
                   max_tokens=_number({"max_tokens": max_tokens}, "max_tokens", int, 1, None),
                   stop=[s for s in stops if s], seed=_number(body, "seed", int),
-                  tools=parse_tools(body.get("tools")), model=model)
+                  tools=_tool_choice(body, parse_tools(body.get("tools"))), model=model)
 
 
 def parse_tools(tools: Any) -> list[dict] | None:
