@@ -51,24 +51,7 @@ SPECIALS = ["[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>", "<EN
 WHITESPACE = ["<|tab|>"] + [f"<|blank_{n}|>" for n in range(2, 81)]
 
 
-def _varint(n: int) -> bytes:
-    n &= (1 << 64) - 1
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _field(number: int, value) -> bytes:
-    """One protobuf field: bytes/str/message as length-delimited, float as fixed32, bool/int as varint."""
-    if isinstance(value, float):
-        return _varint(number << 3 | 5) + struct.pack("<f", value)
-    if isinstance(value, (bool, int)):
-        return _varint(number << 3) + _varint(int(value))
-    data = value.encode() if isinstance(value, str) else value
-    return _varint(number << 3 | 2) + _varint(len(data)) + data
+from protobuf_twin import _field  # noqa: E402 - the wire format the twins share
 
 
 # A few NFKC rules, as the real model's nmt_nfkc charsmap has them (full-width punctuation -> ASCII etc.).

@@ -40,31 +40,12 @@ from chattune.models.families.glm_tokenizer import PREFIX, convert_tokenizer, gl
 
 # --- twins: pure-stdlib builders of the tiny ChatGLM2/3 and GLM-4 tokenizer files (copied verbatim into the test)
 import base64
-import json
-import struct
 from pathlib import Path
 
 NORMAL, UNKNOWN, CONTROL, BYTE = 1, 2, 3, 6
 
 
-def _varint(n: int) -> bytes:
-    n &= (1 << 64) - 1  # negative int32 values are written as 10-byte two's complement varints
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _field(number: int, value) -> bytes:
-    """One protobuf field: bytes/str/message as length-delimited, float as fixed32, bool/int as varint."""
-    if isinstance(value, float):
-        return _varint(number << 3 | 5) + struct.pack("<f", value)
-    if isinstance(value, (bool, int)):
-        return _varint(number << 3) + _varint(int(value))
-    data = value.encode() if isinstance(value, str) else value
-    return _varint(number << 3 | 2) + _varint(len(data)) + data
+from protobuf_twin import _field  # noqa: E402 - the wire format the twins share
 
 
 SP_WORDS = ["▁hello", "▁world", "▁the", "▁is", "▁a", "ing", "▁test", "hello", "llo", "▁Hello", "▁World", "▁in",
@@ -525,14 +506,14 @@ def test_a_tool_role_is_observation_and_unknown_roles_are_refused(name):
 
 
 def test_auto_sends_glm_tokenizers_observation_not_tool(tmp_path):
-    from chattune.data.templates import JinjaTemplate
+    from chattune.data.templates import TokenizerTemplate
 
     tok = convert_tokenizer(write_twin(tmp_path / "m", "glm4"), tmp_path / "fast")
     # a Python-style template that, like GLM-4's remote code, asserts the roles it knows
     tok.chat_template = ("{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant', "
                          "'observation'] %}{{ raise_exception('unknown role ' + m['role']) }}{% endif %}"
                          "<|{{ m['role'] }}|>\n{{ m['content'] }}{% endfor %}")
-    jt = JinjaTemplate(tok)
+    jt = TokenizerTemplate(tok)
     c = conv(("user", "w?"), ("assistant", "call"), ("observation", "9"), ("assistant", "9"))
     text = "".join(p.text for p in jt.pieces(c))
     assert "<|observation|>\n9" in text

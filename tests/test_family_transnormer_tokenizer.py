@@ -26,7 +26,6 @@ OpenNLPLab/TransNormerLLM-385M's hub code in github weigao266/TNL-MoE, commit
 """
 
 import json
-import struct
 import sys
 from pathlib import Path
 
@@ -45,24 +44,7 @@ from chattune.models.families.transnormer_tokenizer import (
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 
-def _varint(n: int) -> bytes:
-    n &= (1 << 64) - 1  # negative int32 values are written as 10-byte two's complement varints
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _field(number: int, value) -> bytes:
-    """One protobuf field: bytes/str/message as length-delimited, float as fixed32, bool/int as varint."""
-    if isinstance(value, float):
-        return _varint(number << 3 | 5) + struct.pack("<f", value)
-    if isinstance(value, (bool, int)):
-        return _varint(number << 3) + _varint(int(value))
-    data = value.encode() if isinstance(value, str) else value
-    return _varint(number << 3 | 2) + _varint(len(data)) + data
+from protobuf_twin import _field  # noqa: E402 - the wire format the twins share
 
 
 WORDS = ["▁hello", "▁world", "▁Hello", "▁World", "hello", "world", "▁the", "▁is", "▁a", "ing", "▁test", "▁line",

@@ -89,16 +89,8 @@ def test_data_inspect_picks_the_family_template(seed):
         assert "[Round 1]" in r.stdout
 
 
-def test_lora_trains_chats_evaluates_and_exports(seed):
-    kind, folder, data, root = seed
-    out = root / "lora"
-    r = chattune("train", "lora", f"model={folder}", f"data.train={data}", f"output_dir={out}", "train.max_steps=2",
-                 "train.batch_size=2", "lora.target=all", "train.logging_steps=1")
-    assert r.returncode == 0, r.stderr[-3000:]
-    adapter = json.loads((out / "adapter_config.json").read_text())
-    targets = set(adapter["target_modules"]) if isinstance(adapter["target_modules"], list) else {
-        adapter["target_modules"]}
-    assert not any("lm_head" in t or "output_layer" in t for t in targets)
+def chat_eval_export(out: Path, data: Path, root: Path) -> Path:
+    """`chat`, `eval` (loss and ROUGE) and `export` of the run in `out`, each exiting 0; the exported folder."""
     r = chattune("chat", "--adapter", str(out), "--prompt", "hello", "--max-new-tokens", "4")
     assert r.returncode == 0, r.stderr[-3000:]
     r = chattune("eval", "--adapter", str(out), "--data", str(data), "--metrics", "rouge,loss", "--max-new-tokens",
@@ -109,6 +101,20 @@ def test_lora_trains_chats_evaluates_and_exports(seed):
     merged = root / "merged"
     r = chattune("export", "--adapter", str(out), "--out", str(merged))
     assert r.returncode == 0, r.stderr[-3000:]
+    return merged
+
+
+def test_lora_trains_chats_evaluates_and_exports(seed):
+    kind, folder, data, root = seed
+    out = root / "lora"
+    r = chattune("train", "lora", f"model={folder}", f"data.train={data}", f"output_dir={out}", "train.max_steps=2",
+                 "train.batch_size=2", "lora.target=all", "train.logging_steps=1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    targets = set(adapter["target_modules"]) if isinstance(adapter["target_modules"], list) else {
+        adapter["target_modules"]}
+    assert not any("lm_head" in t or "output_layer" in t for t in targets)
+    merged = chat_eval_export(out, data, root)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(merged)  # plain transformers, no remote code
@@ -121,23 +127,30 @@ def test_lora_trains_chats_evaluates_and_exports(seed):
     assert tok.convert_ids_to_tokens(prompt[:2]) == first
 
 
-@pytest.mark.parametrize("method, extra", [("ptuning_v2", ["prefix.num_virtual_tokens=4"]),
-                                           ("ptuning_v2", ["prefix.num_virtual_tokens=4", "prefix.projection=true"]),
-                                           ("freeze", ["freeze.trainable_layers=1"]), ("sft", [])])
-def test_every_method_trains_and_its_output_answers(seed, method, extra):
+METHODS = [("ptuning_v2", ["prefix.num_virtual_tokens=4"]),
+           ("ptuning_v2", ["prefix.num_virtual_tokens=4", "prefix.projection=true"]),
+           ("freeze", ["freeze.trainable_layers=1"]), ("sft", [])]
+
+
+def train_and_answer(folder, data, out, method: str, extra: list[str]) -> None:
+    """Two fp32 steps of `method` on the twin, then its output loads and answers."""
     from chattune.chat import answer_once
     from chattune.config import load_config
     from chattune.inference import load_tuned
     from chattune.train.trainer import train
 
-    kind, folder, data, root = seed
-    out = root / f"{method}-{len(extra)}"
     cfg = load_config(method, [f"model={folder}", f"data.train={data}", f"output_dir={out}", "train.max_steps=2",
                                "train.batch_size=2", "train.precision=fp32", "overwrite=true", *extra])
     result = train(cfg, log=lambda m: None)
     assert result.steps == 2 and result.final_loss is not None and torch.isfinite(torch.tensor(result.final_loss))
     tuned = load_tuned(adapter=str(out), log=lambda m: None)
     assert isinstance(answer_once(tuned, "hello", max_new_tokens=3), str)
+
+
+@pytest.mark.parametrize("method, extra", METHODS)
+def test_every_method_trains_and_its_output_answers(seed, method, extra):
+    kind, folder, data, root = seed
+    train_and_answer(folder, data, root / f"{method}-{len(extra)}", method, extra)
 
 
 def test_serve_answers_on_the_twin(seed):

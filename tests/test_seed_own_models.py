@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from test_seed_glm import METHODS, STAND_IN, chat_eval_export, chattune, train_and_answer
 from tiny import write_jsonl
 
-STAND_IN = "raise RuntimeError('stand-in for the publisher code: chattune must not run it')\n"
 FAMILIES = ["chatglm6b", "transnormer"]
 RUNS_AS = {"chatglm6b": "runs as chattune's ChatGLM6BForCausalLM", "transnormer":
            "runs as chattune's TransnormerForCausalLM"}
@@ -90,11 +90,6 @@ def seed(request, tmp_path_factory):
     return request.param, folder, data, root
 
 
-def chattune(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "chattune", *args], capture_output=True, text=True, timeout=600,
-                          cwd=cwd)
-
-
 def test_the_stand_ins_refuse_to_run(seed):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -130,22 +125,13 @@ def test_lora_trains_chats_evaluates_and_exports(seed):
     targets = adapter["target_modules"]
     targets = set(targets) if isinstance(targets, list) else {targets}
     assert targets and not any("lm_head" in t for t in targets)
-    r = chattune("chat", "--adapter", str(out), "--prompt", "hello", "--max-new-tokens", "4")
-    assert r.returncode == 0, r.stderr[-3000:]
-    r = chattune("eval", "--adapter", str(out), "--data", str(data), "--metrics", "rouge,loss", "--max-new-tokens",
-                 "4", "--out", str(root / "eval"))
-    assert r.returncode == 0, r.stderr[-3000:]
-    metrics = json.loads((root / "eval" / "metrics.json").read_text())
-    assert metrics["loss"] > 0
-    merged = root / "merged"
-    r = chattune("export", "--adapter", str(out), "--out", str(merged))
-    assert r.returncode == 0, r.stderr[-3000:]
+    merged = chat_eval_export(out, data, root)
     assert (merged / "chat_template.jinja").is_file()
     assert not list(merged.glob("*.py"))  # no remote code travels with it
     # loadable with chattune installed: importing it registers the model type with the Auto classes
     code = ("import chattune.models.families as f, sys, torch; f.register_all(); "
             "from transformers import AutoModelForCausalLM, AutoTokenizer; "
-            f"m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); t = AutoTokenizer.from_pretrained(sys.argv[1]); "
+            "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); t = AutoTokenizer.from_pretrained(sys.argv[1]); "
             "ids = t.apply_chat_template([{'role': 'user', 'content': 'hello'}], add_generation_prompt=True); "
             "ids = ids['input_ids'] if hasattr(ids, 'keys') else ids; "
             "out = m.generate(torch.tensor([ids]), max_new_tokens=2, do_sample=False); "
@@ -157,28 +143,20 @@ def test_lora_trains_chats_evaluates_and_exports(seed):
         assert r.stdout.rstrip().endswith("'[gMASK]', '<sop>']")
 
 
-@pytest.mark.parametrize("method, extra", [("ptuning_v2", ["prefix.num_virtual_tokens=4"]),
-                                           ("ptuning_v2", ["prefix.num_virtual_tokens=4", "prefix.projection=true"]),
-                                           ("freeze", ["freeze.trainable_layers=1"]), ("sft", [])])
+@pytest.mark.parametrize("method, extra", METHODS)
 def test_every_method_trains_and_its_output_answers(seed, method, extra):
-    from chattune.chat import answer_once
-    from chattune.config import load_config
-    from chattune.errors import MethodError
-    from chattune.inference import load_tuned
-    from chattune.train.trainer import train
-
     kind, folder, data, root = seed
     out = root / f"{method}-{len(extra)}"
-    cfg = load_config(method, [f"model={folder}", f"data.train={data}", f"output_dir={out}", "train.max_steps=2",
-                               "train.batch_size=2", "train.precision=fp32", "overwrite=true", *extra])
     if kind == "transnormer" and method == "ptuning_v2":
+        from chattune.config import load_config
+        from chattune.errors import MethodError
+        from chattune.train.trainer import train
+
+        cfg = load_config(method, [f"model={folder}", f"data.train={data}", f"output_dir={out}", *extra])
         with pytest.raises(MethodError, match="does not apply to TransNormerLLM"):
             train(cfg, log=lambda m: None)
         return
-    result = train(cfg, log=lambda m: None)
-    assert result.steps == 2 and result.final_loss is not None and torch.isfinite(torch.tensor(result.final_loss))
-    tuned = load_tuned(adapter=str(out), log=lambda m: None)
-    assert isinstance(answer_once(tuned, "hello", max_new_tokens=3), str)
+    train_and_answer(folder, data, out, method, extra)
 
 
 def test_what_cannot_apply_is_refused_before_loading(seed, tmp_path):
@@ -189,7 +167,8 @@ def test_what_cannot_apply_is_refused_before_loading(seed, tmp_path):
     r = chattune("train", "ptuning_v2", f"model={folder}", f"data.train={data}", f"output_dir={tmp_path / 'p'}",
                  *extra)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    said = "does not apply to TransNormerLLM" if kind == "transnormer" else "prefix.init_text does not apply to ChatGLM-6B"
+    said = ("does not apply to TransNormerLLM" if kind == "transnormer" else
+            "prefix.init_text does not apply to ChatGLM-6B")
     assert said in r.stderr
     assert "converting" not in r.stderr + r.stdout  # refused before the model is loaded
 
@@ -267,7 +246,7 @@ def test_the_family_template_renders_as_its_jinja_tokenizes(seed):
 
     from chattune.data.encode import encode_pieces
     from chattune.data.formats import Conversation, Message
-    from chattune.data.jinja import to_messages
+    from chattune.data.template_files import to_messages
     from chattune.data.templates import get_template
     from chattune.models import native
 

@@ -64,15 +64,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-try:  # transformers' own reading of logits_to_keep (an int, or chattune's boolean label mask in training)
-    from transformers.modeling_utils import slice_logits_to_keep
-except ImportError:  # older transformers 5.x
-    def slice_logits_to_keep(hidden_states: torch.Tensor, logits_to_keep) -> torch.Tensor:
-        if isinstance(logits_to_keep, int):
-            return hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
-        if logits_to_keep.dtype == torch.bool:
-            return hidden_states[logits_to_keep]
-        return hidden_states[:, logits_to_keep]
+from chattune.models.families.common import slice_logits_to_keep
 
 MODEL_TYPE = "chattune_chatglm6b"
 ROPE_BASE = 10000.0

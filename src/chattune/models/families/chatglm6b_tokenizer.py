@@ -53,12 +53,12 @@ The tokenizer_config.json records `chattune_glm_family: "chatglm6b"`, as glm_tok
 
 from __future__ import annotations
 
-import json
 import struct
 from pathlib import Path
 
 from chattune.errors import ConfigError
-from chattune.models.families.glm_tokenizer import _CONTROL, _NORMAL, _UNKNOWN, _USER_DEFINED, read_sentencepiece
+from chattune.models.families.glm_tokenizer import (_CONTROL, _NORMAL, _UNKNOWN, _USER_DEFINED, _json,
+                                                    read_sentencepiece, save_tokenizer)
 
 VOCAB_FILE = "ice_text.model"
 FAMILY = "chatglm6b"
@@ -76,14 +76,6 @@ CONFIG_IDS = {"bos_token_id": "bos_token", "eos_token_id": "eos_token", "mask_to
               "gmask_token_id": "gmask_token", "pad_token_id": "pad_token"}
 _FLT_MIN = struct.unpack("<f", struct.pack("<I", 0x00800000))[0]  # C's FLT_MIN, SentencePiece's max_score_ start
 _NEVER = -1e9  # score of pieces SentencePiece never produces from text
-
-
-def _json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _class_names(config: dict) -> list[str]:
@@ -294,17 +286,4 @@ def build_fast_tokenizer(folder: str | Path):
 def convert_tokenizer(folder: str | Path, out: str | Path, chat_template: str | None = None):
     """Write `out`/tokenizer.json + tokenizer_config.json + special_tokens_map.json for a ChatGLM-6B folder and
     return the PreTrainedTokenizerFast loaded back from `out`."""
-    from transformers import PreTrainedTokenizerFast
-
-    fast = build_fast_tokenizer(folder)
-    if chat_template is not None:
-        fast.chat_template = chat_template
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    fast.save_pretrained(str(out))
-    # transformers 5 no longer writes it; older readers (and some serving tools) look for it
-    special = {key: getattr(fast, key) for key in ("bos_token", "eos_token", "unk_token", "pad_token", "mask_token")}
-    special["additional_special_tokens"] = [t for t in fast.all_special_tokens if t not in special.values()]
-    (out / "special_tokens_map.json").write_text(json.dumps(special, ensure_ascii=False, indent=2) + "\n",
-                                                 encoding="utf-8")
-    return PreTrainedTokenizerFast.from_pretrained(str(out))
+    return save_tokenizer(build_fast_tokenizer(folder), out, chat_template)

@@ -22,7 +22,7 @@ One deliberate difference: the special tokens are matched in text here, so that 
 GLM-4's own tokenizer does the same; ChatGLM2/3's never match them (not even `</s>`), so for text that contains
 a special-token string their ids equal `tokenizer(text, split_special_tokens=True)` here.
 
-The converted tokenizer's `chat_template` is chattune's exact jinja for the family (chattune.data.jinja), and its
+The converted tokenizer's `chat_template` is chattune's exact jinja for the family (chattune.data.template_files), and its
 tokenizer_config.json records `chattune_glm_family` so that `template=auto` knows the family without config.json.
 """
 
@@ -305,14 +305,28 @@ def _check_ids(tok, specials: list[tuple[int, str]], base: int, folder: Path) ->
 def convert_tokenizer(folder: str | Path, out: str | Path):
     """Write `out`/tokenizer.json + tokenizer_config.json (eos/pad as the official ones, chat_template = chattune's
     exact template for the family) and return the loaded PreTrainedTokenizerFast."""
-    from transformers import PreTrainedTokenizerFast
 
-    from chattune.data.jinja import chat_template_jinja
+    from chattune.data.template_files import chat_template_jinja
     from chattune.data.templates import BUILTIN
 
     fast, kind = build_fast_tokenizer(folder)
-    fast.chat_template = chat_template_jinja(BUILTIN[kind](), fast)
+    return save_tokenizer(fast, out, chat_template_jinja(BUILTIN[kind](), fast))
+
+
+def save_tokenizer(fast, out: str | Path, chat_template: str | None = None):
+    """Write a converted tokenizer into `out` (tokenizer.json, tokenizer_config.json with `chat_template`, and
+    special_tokens_map.json, which transformers 5 no longer writes but older readers and serving tools look for)
+    and return it loaded back from there."""
+    from transformers import PreTrainedTokenizerFast
+
+    if chat_template is not None:
+        fast.chat_template = chat_template
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(out))
+    special = {key: getattr(fast, key) for key in ("bos_token", "eos_token", "unk_token", "pad_token", "mask_token")
+               if getattr(fast, key, None) is not None}
+    special["additional_special_tokens"] = [t for t in fast.all_special_tokens if t not in special.values()]
+    (out / "special_tokens_map.json").write_text(json.dumps(special, ensure_ascii=False, indent=2) + "\n",
+                                                 encoding="utf-8")
     return PreTrainedTokenizerFast.from_pretrained(str(out))

@@ -79,15 +79,7 @@ try:  # transformers' guarded init functions (they skip weights a checkpoint alr
 except ImportError:  # older transformers 5.x
     hf_init = None
 
-try:  # transformers' own reading of logits_to_keep (an int, or chattune's boolean label mask in training)
-    from transformers.modeling_utils import slice_logits_to_keep
-except ImportError:  # older transformers 5.x
-    def slice_logits_to_keep(hidden_states: torch.Tensor, logits_to_keep) -> torch.Tensor:
-        if isinstance(logits_to_keep, int):
-            return hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
-        if logits_to_keep.dtype == torch.bool:
-            return hidden_states[logits_to_keep]
-        return hidden_states[:, logits_to_keep]
+from chattune.models.families.common import slice_logits_to_keep
 
 MODEL_TYPE = "chattune_transnormer"
 NORM_EPS = 1e-6  # the official SimpleRMSNorm's eps (torch and triton versions)

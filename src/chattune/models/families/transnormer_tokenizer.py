@@ -49,7 +49,7 @@ import json
 from pathlib import Path
 
 from chattune.errors import ConfigError
-from chattune.models.families.glm_tokenizer import _sentencepiece_tokenizer, read_sentencepiece
+from chattune.models.families.glm_tokenizer import _sentencepiece_tokenizer, read_sentencepiece, save_tokenizer
 
 FAMILY = "transnormer"
 CLASSES = ("BaiChuanTokenizer", "BaichuanTokenizer")  # remote class names that ship this tokenizer
@@ -204,12 +204,4 @@ def build_fast_tokenizer(folder: str | Path):
 def convert_tokenizer(folder: str | Path, out: str | Path, chat_template: str | None = None):
     """Write `out`/tokenizer.json + tokenizer_config.json (and chat_template.jinja when a template is given) and
     return the tokenizer loaded back from them."""
-    from transformers import PreTrainedTokenizerFast
-
-    fast = build_fast_tokenizer(folder)
-    if chat_template is not None:
-        fast.chat_template = chat_template
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    fast.save_pretrained(str(out))
-    return PreTrainedTokenizerFast.from_pretrained(str(out))
+    return save_tokenizer(build_fast_tokenizer(folder), out, chat_template)
