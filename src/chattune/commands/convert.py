@@ -1,8 +1,8 @@
-"""`chattune convert SRC OUT`: a seed checkpoint (ChatGLM-6B, ChatGLM2/3, GLM-4) as a folder that runs without its
-remote code."""
+"""`chattune convert SRC OUT`: a seed checkpoint (ChatGLM-6B, ChatGLM2/3, GLM-4, TransNormerLLM) as a folder that
+runs without its remote code."""
 
-HELP = ("convert a ChatGLM-6B/ChatGLM2/ChatGLM3/GLM-4 checkpoint into a folder that runs without its remote code "
-        "(GLM2/3/4: transformers' GlmForCausalLM; ChatGLM-6B: chattune's own model)")
+HELP = ("convert a ChatGLM-6B/ChatGLM2/ChatGLM3/GLM-4/TransNormerLLM checkpoint into a folder that runs without its "
+        "remote code (GLM2/3/4: transformers' GlmForCausalLM; ChatGLM-6B, TransNormerLLM: chattune's own models)")
 
 
 def configure(p) -> None:
@@ -23,7 +23,7 @@ def run(args) -> int:
         raise ModelError(f"{src} is not a folder\nfix: give the checkpoint folder that holds config.json")
     config = read_config(src)
     if native.family_of(src) is None:
-        raise ModelError(f"{src} is not a ChatGLM-6B/ChatGLM2/ChatGLM3/GLM-4 checkpoint (model_type "
+        raise ModelError(f"{src} is not a ChatGLM-6B/ChatGLM2/ChatGLM3/GLM-4/TransNormerLLM checkpoint (model_type "
                          f"{config['model_type']!r}); convert only rewrites those\nfix: use the folder as it is: "
                          f"model={src}")
     family = native.family_of(src)
