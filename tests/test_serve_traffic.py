@@ -164,8 +164,9 @@ def test_a_seeded_request_is_not_starved_by_steady_traffic(model_dir):
 
 
 @pytest.mark.parametrize("extra, param", [({"tool_choice": "required"}, "tool_choice"),
-                                          ({"presence_penalty": 0.5}, "presence_penalty"),
-                                          ({"frequency_penalty": 1.0}, "frequency_penalty"),
+                                          ({"presence_penalty": 2.5}, "presence_penalty"),
+                                          ({"frequency_penalty": -3}, "frequency_penalty"),
+                                          ({"min_p": 1.5}, "min_p"),
                                           ({"response_format": {"type": "json_object"}}, "response_format"),
                                           ({"logprobs": True}, "logprobs"),
                                           ({"logit_bias": {"5": 10}}, "logit_bias"),
@@ -179,14 +180,14 @@ def test_parameters_it_cannot_honour_are_refused_by_name(model_dir, extra, param
     assert r.json()["error"]["param"] == param
 
 
-def test_neutral_values_and_tool_choice_none_work(model_dir):
+def test_neutral_values_penalties_and_tool_choice_none_work(model_dir):
     from fastapi.testclient import TestClient
 
     client = TestClient(create_app(tuned(model_dir), max_batch=1))
     tools = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
     r = client.post("/v1/chat/completions", json={
-        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "presence_penalty": 0,
-        "frequency_penalty": 0, "logprobs": False, "response_format": {"type": "text"}, "tool_choice": "none",
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "presence_penalty": 0.5,
+        "frequency_penalty": 0.25, "min_p": 0.05, "temperature": 0.7, "logprobs": False, "response_format": {"type": "text"}, "tool_choice": "none",
         "tools": tools, "user": "someone", "stream_options": {"include_usage": True}})
     assert r.status_code == 200, r.text
 
@@ -226,3 +227,15 @@ def test_other_sites_and_other_host_names_are_refused_without_a_key(model_dir):
     r = keyed.post("/v1/chat/completions", json=ok, headers={"origin": "https://evil.example",
                                                               "authorization": "Bearer k"})
     assert r.status_code == 200, r.text
+
+
+def test_penalties_apply_on_the_batched_path_too(model_dir):
+    """Batched and one at a time give the same greedy answer with a presence/frequency penalty."""
+    extra = {"temperature": 0, "presence_penalty": 1.5, "frequency_penalty": 0.5, "max_tokens": 10}
+    with running(create_app(tuned(model_dir), max_batch=1)) as url:
+        alone = post(url, "tell me a story", **extra).json()["choices"][0]["message"]["content"]
+        plain = post(url, "tell me a story", temperature=0, max_tokens=10).json()["choices"][0]["message"]["content"]
+    with running(create_app(tuned(model_dir), max_batch=8)) as url:
+        batched = concurrently(url, [("tell me a story", extra), ("hi", {"temperature": 0})])
+    assert batched[0].status_code == 200 and batched[0].json()["choices"][0]["message"]["content"] == alone
+    assert alone != plain  # the penalties changed the answer

@@ -117,8 +117,8 @@ def generate(tuned: Tuned, conv: Conversation, max_new_tokens: int = 256, temper
     ids = torch.tensor([tuned.prompt_ids(conv)], device=next(tuned.model.parameters()).device)
     kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                   eos_token_id=tuned.stop_ids, pad_token_id=tuned.tokenizer.pad_token_id)
-    kwargs.update(sampling_settings(getattr(tuned.model, "generation_config", None), temperature,
-                                    top_p).generate_kwargs())
+    settings = sampling_settings(getattr(tuned.model, "generation_config", None), temperature, top_p)
+    kwargs.update(settings.generate_kwargs(), logits_processor=settings.answer_processors(ids.shape[1]))
     if not stream:
         with torch.no_grad():
             out = tuned.model.generate(**kwargs)

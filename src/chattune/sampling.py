@@ -5,8 +5,9 @@ the model's generation_config into `SamplingSettings`, which gives both the keyw
 `generate` (chat, serve one request at a time) and transformers' own logits processors for chattune's batched
 engine (serve), so the same request samples the same way on either path. The rules:
 - temperature 0 (or none) is greedy decoding;
-- top_k is the generation_config's when that file sets it, else off (transformers' built-in default of 50 is not
-  a choice the model's publisher made, and an OpenAI request has no top_k);
+- top_k (and min_p) is the generation_config's when that file sets it, else off (transformers' built-in default of
+  50 is not a choice the model's publisher made, and an OpenAI request has no top_k); a request may set min_p;
+- OpenAI's presence and frequency penalties count the answer's tokens only (`AnswerPenalty`);
 - the generation_config's repetition_penalty applies on every path (greedy too, as `generate` applies it).
 
 `StopStrings` finds a request's stop strings in generated text: the batched engine checks only the text a new token
@@ -27,6 +28,9 @@ class SamplingSettings:
     top_k: int = 0  # 0: off
     repetition_penalty: float = 1.0
     seed: int | None = None
+    min_p: float = 0.0  # 0: off
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token the answer already holds
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence in the answer so far
 
     @property
     def greedy(self) -> bool:
@@ -36,19 +40,30 @@ class SamplingSettings:
         """Arguments for transformers' `generate` (every one given, so the generation_config adds nothing else)."""
         common = {"repetition_penalty": self.repetition_penalty}
         if self.greedy:
-            return {**common, "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+            return {**common, "do_sample": False, "temperature": None, "top_p": None, "top_k": None, "min_p": None}
         return {**common, "do_sample": True, "temperature": self.temperature, "top_p": self.top_p,
-                "top_k": self.top_k}
+                "top_k": self.top_k, "min_p": self.min_p or None}
 
-    def processors(self):
+    def answer_processors(self, prompt_length: int):
+        """What `generate` needs besides `generate_kwargs` (its `logits_processor=`): OpenAI's presence and
+        frequency penalties over the answer so far (the tokens after `prompt_length`)."""
+        from transformers import LogitsProcessorList
+
+        out = LogitsProcessorList()
+        if self.presence_penalty or self.frequency_penalty:
+            out.append(AnswerPenalty(self.presence_penalty, self.frequency_penalty, prompt_length))
+        return out
+
+    def processors(self, prompt_length: int = 0):
         """transformers' logits processors for these settings, applied to one row at a time by the batched engine
-        (the same classes `generate` builds for `generate_kwargs`, in the same order)."""
-        from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-                                  TopKLogitsWarper, TopPLogitsWarper)
+        (the same classes, in the same order, as `generate` with `generate_kwargs` and `answer_processors`)."""
+        from transformers import (LogitsProcessorList, MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
+                                  TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
         out = LogitsProcessorList()
         if self.repetition_penalty != 1.0:
             out.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
+        out.extend(self.answer_processors(prompt_length))
         if not self.greedy:
             if self.temperature != 1.0:
                 out.append(TemperatureLogitsWarper(self.temperature))
@@ -56,7 +71,30 @@ class SamplingSettings:
                 out.append(TopKLogitsWarper(self.top_k))
             if self.top_p < 1.0:
                 out.append(TopPLogitsWarper(self.top_p))  # keeps at least one token, even at top_p=0
+            if self.min_p > 0:
+                out.append(MinPLogitsWarper(self.min_p))
         return out
+
+    @property
+    def needs_history(self) -> bool:
+        """Do the processors read the tokens so far (the repetition, presence or frequency penalties)?"""
+        return self.repetition_penalty != 1.0 or bool(self.presence_penalty or self.frequency_penalty)
+
+
+class AnswerPenalty:
+    """OpenAI's presence and frequency penalties: logit[t] -= frequency * count(t) + presence * (count(t) > 0), the
+    counts over the answer so far (not the prompt). transformers has only the multiplicative repetition penalty
+    (over prompt and answer alike), hence this small processor, in transformers' LogitsProcessor call form."""
+
+    def __init__(self, presence: float, frequency: float, prompt_length: int):
+        self.presence, self.frequency, self.prompt_length = presence, frequency, prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        answer = input_ids[:, self.prompt_length:]
+        if answer.shape[1] == 0:
+            return scores
+        counts = torch.zeros_like(scores).scatter_add_(1, answer, torch.ones_like(answer, dtype=scores.dtype))
+        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
 
 
 def _explicit(generation_config, name: str):
@@ -70,13 +108,19 @@ def _explicit(generation_config, name: str):
 
 
 def sampling_settings(generation_config=None, temperature: float | None = 0.0, top_p: float | None = 1.0,
-                      seed: int | None = None) -> SamplingSettings:
-    """The sampling settings for one answer: the caller's temperature/top_p/seed, the model's top_k and
-    repetition_penalty (see the module note)."""
+                      seed: int | None = None, min_p: float | None = None, presence_penalty: float = 0.0,
+                      frequency_penalty: float = 0.0) -> SamplingSettings:
+    """The sampling settings for one answer: the caller's temperature/top_p/seed (and a request's min_p and
+    penalties), the model's top_k, min_p and repetition_penalty where its generation_config sets them (see the
+    module note)."""
     top_k = _explicit(generation_config, "top_k")
+    if min_p is None:
+        min_p = _explicit(generation_config, "min_p")
     penalty = getattr(generation_config, "repetition_penalty", None) if generation_config is not None else None
     return SamplingSettings(temperature=float(temperature or 0.0), top_p=1.0 if top_p is None else float(top_p),
-                            top_k=int(top_k or 0), repetition_penalty=float(penalty or 1.0), seed=seed)
+                            top_k=int(top_k or 0), repetition_penalty=float(penalty or 1.0), seed=seed,
+                            min_p=float(min_p or 0.0), presence_penalty=float(presence_penalty or 0.0),
+                            frequency_penalty=float(frequency_penalty or 0.0))
 
 
 def choose_token(settings: SamplingSettings, processors, logits: torch.Tensor, seen: list[int],

@@ -4,6 +4,7 @@ the web chat page at `/` (plain HTML/JS/CSS from serve/web, no build step, no CD
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hmac
 import json
 import queue
@@ -55,6 +56,9 @@ def create_app(tuned, api_key: str | None = None, max_queue: int = 16, default_m
     drive the local model."""
     app = FastAPI(title="chattune serve", docs_url=None, redoc_url=None)
     local_only = bind_host is not None and bind_host in LOOPBACK
+    # One thread renders and tokenizes prompts off the event loop: one, not asyncio's pool of several, because each
+    # new thread brings its own malloc arena (tens of MiB resident under load) and rendering is quick
+    render_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="chattune-render")
 
     @app.middleware("http")
     async def same_site_only(request: Request, call_next):
@@ -147,7 +151,7 @@ def create_app(tuned, api_key: str | None = None, max_queue: int = 16, default_m
                            "model_not_found", kind="not_found_error")
         conv = to_conversation(body.get("messages") if isinstance(body, dict) else None, params.tools)
         try:  # rendering and tokenizing a long conversation must not hold up the other requests' streams
-            prompt = await asyncio.to_thread(tuned.prompt_ids, conv)
+            prompt = await asyncio.get_running_loop().run_in_executor(render_pool, tuned.prompt_ids, conv)
         except Exception as e:  # noqa: BLE001 - a template that cannot render this conversation
             raise ApiError(400, f"these messages cannot be rendered with the model's template: {e}", "messages") from None
         max_tokens = params.max_tokens or default_max_tokens
@@ -160,7 +164,8 @@ def create_app(tuned, api_key: str | None = None, max_queue: int = 16, default_m
                                     f"this model's context of {ctx} tokens", "max_tokens", "context_length_exceeded")
             max_tokens = min(max_tokens, ctx - len(prompt))
         sampling = sampling_settings(getattr(tuned.model, "generation_config", None), params.temperature,
-                                     params.top_p, params.seed)
+                                     params.top_p, params.seed, params.min_p, params.presence_penalty,
+                                     params.frequency_penalty)
         job = Job(prompt, max_tokens, sampling, params.stop, asyncio.get_running_loop())
         try:
             worker.submit(job)

@@ -38,6 +38,9 @@ class Params:
     seed: int | None
     tools: list[dict] | None
     model: str | None
+    min_p: float | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
 
 def _number(body: dict, key: str, kind, low=None, high=None, default=None):
@@ -55,10 +58,9 @@ def _number(body: dict, key: str, kind, low=None, high=None, default=None):
 # Request fields this server reads. Every other field is refused by name (400), never silently ignored.
 HONOURED = {"messages", "model", "stream", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop",
             "seed", "tools", "tool_choice", "n", "user", "stream_options", "presence_penalty", "frequency_penalty",
-            "logit_bias", "logprobs", "top_logprobs", "response_format", "parallel_tool_calls"}
+            "min_p", "logit_bias", "logprobs", "top_logprobs", "response_format", "parallel_tool_calls"}
 # OpenAI fields accepted only at the value that asks for nothing this server would have to do
-NEUTRAL = {"presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logit_bias": ({},), "logprobs": (False,),
-           "top_logprobs": (0,), "parallel_tool_calls": (True,)}
+NEUTRAL = {"logit_bias": ({},), "logprobs": (False,), "top_logprobs": (0,), "parallel_tool_calls": (True,)}
 
 
 def _refuse_unsupported(body: dict) -> None:
@@ -123,7 +125,10 @@ def parse_params(body: Any) -> Params:
                   top_p=_number(body, "top_p", float, 0, 1, 1.0),
                   max_tokens=_number({"max_tokens": max_tokens}, "max_tokens", int, 1, None),
                   stop=[s for s in stops if s], seed=_number(body, "seed", int),
-                  tools=_tool_choice(body, parse_tools(body.get("tools"))), model=model)
+                  tools=_tool_choice(body, parse_tools(body.get("tools"))), model=model,
+                  min_p=_number(body, "min_p", float, 0, 1),
+                  presence_penalty=_number(body, "presence_penalty", float, -2, 2, 0.0),
+                  frequency_penalty=_number(body, "frequency_penalty", float, -2, 2, 0.0))
 
 
 def parse_tools(tools: Any) -> list[dict] | None:

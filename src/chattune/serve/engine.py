@@ -128,15 +128,16 @@ class Sampling:
     """One request's sampling in the batch: its settings (chattune.sampling: the same rules and transformers'
     processors as `generate`), built once per request, and its own random generator when it is seeded."""
 
-    def __init__(self, settings: SamplingSettings | None = None):
+    def __init__(self, settings: SamplingSettings | None = None, prompt_length: int = 0):
         self.settings = settings or SamplingSettings()
-        self.processors = self.settings.processors()
+        self.processors = self.settings.processors(prompt_length)
         seeded = not self.settings.greedy and self.settings.seed is not None
         self.generator = torch.Generator().manual_seed(self.settings.seed) if seeded else None
 
     @property
-    def repetition_penalty(self) -> float:
-        return self.settings.repetition_penalty
+    def needs_history(self) -> bool:
+        """Does `choose` read the prompt and answer so far (`seen`)?"""
+        return self.settings.needs_history
 
     def choose(self, logits: torch.Tensor, seen: list[int]) -> int:
         """The next token from one row's logits [V] (`seen`: prompt and answer so far, for the repetition penalty)."""

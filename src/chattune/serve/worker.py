@@ -77,7 +77,7 @@ class _Row:
 
     def __init__(self, job: Job, tokenizer, stop_ids: list[int]):
         self.job, self.tokenizer, self.stop_ids = job, tokenizer, stop_ids
-        self.sampling = Sampling(job.sampling)
+        self.sampling = Sampling(job.sampling, len(job.prompt_ids))
         self.stops = StopStrings(job.stop)
         self.streamer = _Pieces(tokenizer, job)
         self.streamer.put(torch.tensor(job.prompt_ids))  # the prompt, which the streamer skips
@@ -106,8 +106,8 @@ class _Row:
 
     def take(self, logits: torch.Tensor) -> None:
         """Choose the next token from this row's logits [V]; set `result` when the answer is complete."""
-        # (the tokens seen so far only matter to a repetition penalty: no list is built per token otherwise)
-        seen = self.job.prompt_ids + self.new if self.sampling.repetition_penalty != 1.0 else []
+        # (the tokens seen so far only matter to the penalties: no list is built per token otherwise)
+        seen = self.job.prompt_ids + self.new if self.sampling.needs_history else []
         token = self.sampling.choose(logits, seen)
         self.new.append(token)
         self.streamer.put(torch.tensor([token]))
@@ -300,7 +300,7 @@ class Worker:
             kwargs.update(stop_strings=job.stop, tokenizer=t.tokenizer)
         if not job.sampling.greedy and job.sampling.seed is not None:
             torch.manual_seed(job.sampling.seed)
-        kwargs.update(job.sampling.generate_kwargs())
+        kwargs.update(job.sampling.generate_kwargs(), logits_processor=job.sampling.answer_processors(ids.shape[1]))
         with torch.no_grad():
             out = t.model.generate(**kwargs)
         new = out[0, ids.shape[1]:].tolist()
