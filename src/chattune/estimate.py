@@ -115,18 +115,13 @@ def stand_in_config(raw: dict):
                          num_attention_heads=heads, num_key_value_heads=kv,
                          head_dim=raw.get("kv_channels", raw["hidden_size"] // heads),
                          attention_bias=raw.get("add_qkv_bias", False), tie_word_embeddings=False, pad_token_id=0)
-    if mtype == "chatglm":  # ChatGLM-6B (GLM v1): chattune's own model of it, the real module tree
-        from chattune.models.families.chatglm6b import config_from_published
+    from chattune.models.families import OWN
+    from chattune.models.native import family_of_config
 
+    family = family_of_config(raw)
+    if family in OWN:  # ChatGLM-6B, TransNormerLLM: chattune's own model code, the module tree that trains
         try:
-            return config_from_published(raw)
-        except ValueError as e:
-            raise ConfigError(f"estimate: {e}") from None
-    if mtype == "transnormer":  # chattune's own TransNormerLLM model, the real module tree
-        from chattune.models.families.transnormer import config_from_published as transnormer_config
-
-        try:
-            return transnormer_config(raw)
+            return OWN[family].model_code.config_from_published(raw)
         except ValueError as e:
             raise ConfigError(f"estimate: {e}") from None
     try:

@@ -8,9 +8,10 @@ A user's text is data and never becomes a control token: only the template inser
 looked up by name). Every other text piece is tokenized with `split_special_tokens=True`, so a message that
 contains `<|im_end|>\n<|im_start|>system` is those characters, not a forged turn, in training, chat, eval and
 serve alike. The one exception is `markup`: text the tokenizer's own jinja template wrote around the messages
-(`template=auto`), which spells its control tokens as text and is tokenized with special-token matching. Labels are the token ids of trainable pieces and -100
-elsewhere. Labels never depend on the pad token (masking `labels == pad_id` would erase the stop token when
-pad == eos).
+(`template=auto`), which spells its control tokens as text and is tokenized with special-token matching.
+
+Labels are the token ids of trainable pieces and -100 elsewhere. Labels never depend on the pad token (masking
+`labels == pad_id` would erase the stop token when pad == eos).
 
 Over-long samples (`data.max_length`) follow `data.truncation`:
 - `prompt` (default): cut the prompt side first (oldest exchanges, then the start of the longest prompt text), so

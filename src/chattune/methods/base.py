@@ -12,6 +12,8 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+from chattune.errors import MethodError
+
 
 class Section(BaseModel):
     """A config section: unknown keys are errors, assignments are validated."""
@@ -53,7 +55,11 @@ class Method:
 
     def preflight(self, cfg: Any, device: str) -> None:
         from chattune.methods.common import check_deepspeed, check_fsdp
+        from chattune.models.families import method_refusal
 
+        refusal = method_refusal(self.name, cfg)  # a model family this method cannot apply to
+        if refusal:
+            raise MethodError(refusal)
         check_deepspeed(cfg, device)
         check_fsdp(cfg, device)
 

@@ -103,17 +103,6 @@ class PrefixTuning(Method):
                               "checkpointed decoder layers drop the key/value prefix, so it would not train. Set "
                               "train.gradient_checkpointing=false (a prefix needs little memory), or use method=lora")
         refuse_8bit_base(cfg, "is for method=lora; use method=qlora for a quantized base")
-        from chattune.models.families import CHATGLM6B, method_refusal, spec_model_type
-
-        kind = spec_model_type(cfg.model.path, cfg.model.revision)
-        refusal = method_refusal(self.name, kind)
-        if refusal:
-            raise MethodError(refusal)
-        if cfg.prefix.init_text:
-            if kind == CHATGLM6B:
-                raise MethodError("prefix.init_text does not apply to ChatGLM-6B: its forward needs [gMASK] and <sop> "
-                                  "in every input, so a bare text has no key/values to start from. Drop "
-                                  "prefix.init_text (the prefix starts random, as in ChatGLM-6B's own P-tuning v2)")
         if cfg.data.packing and "packing" in cfg.data.model_fields_set:
             raise MethodError("method=prefix cannot pack samples (data.packing=true): the prefix is one shared past "
                               "per row, so packed samples after the first would not see it where it was trained. "

@@ -32,6 +32,7 @@ import shutil
 from pathlib import Path
 
 from chattune.errors import ModelError
+from chattune.models.families import OWN
 from chattune.outputs import atomic_folder
 
 CONVERTER_VERSION = 1
@@ -43,7 +44,7 @@ _WHOLE_FILES = ("config.json", "generation_config.json", "tokenizer_config.json"
 RUNS_AS = {"glm": "transformers' GlmForCausalLM", "chatglm6b": "chattune's ChatGLM6BForCausalLM",
            "transnormer": "chattune's TransnormerForCausalLM"}
 NAMES = {"glm": "ChatGLM2/ChatGLM3/GLM-4", "chatglm6b": "ChatGLM-6B", "transnormer": "TransNormerLLM"}
-LINKED = ("chatglm6b", "transnormer")  # families whose cached folder links the published weight files
+LINKED = tuple(OWN)  # families with chattune's own model code: the cached folder links their published weights
 
 
 def family_of_config(config: dict) -> str | None:
@@ -137,7 +138,7 @@ def write_native(src: Path, out: Path, log=print, link: bool = False) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ModelError(f"{out} already exists and is not an empty folder\nfix: choose another output folder")
     family = family_of(src)
-    if family in ("chatglm6b", "transnormer"):
+    if family in LINKED:
         kind = _write_own(family, src, out, link)
     else:
         kind = _write_glm(src, out)
@@ -169,27 +170,17 @@ def _write_own(family: str, src: Path, out: Path, link: bool) -> str:
 
     from chattune.data.template_files import chat_template_jinja
     from chattune.data.templates import BUILTIN
+    from chattune.models.families.glm_tokenizer import save_tokenizer
 
-    if family == "chatglm6b":
-        from chattune.models.families import chatglm6b as model_code
-        from chattune.models.families import chatglm6b_tokenizer as tokenizer_code
-
-        ok, files, fix = (tokenizer_code.is_chatglm6b_tokenizer(src), "ice_text.model",
-                          "use the original THUDM/chatglm-6b checkpoint (fp16 weights, no saved P-tuning prefix)")
-    else:
-        from chattune.models.families import transnormer as model_code
-        from chattune.models.families import transnormer_tokenizer as tokenizer_code
-
-        ok, files, fix = (tokenizer_code.is_transnormer_tokenizer(src), "tokenizer.model",
-                          "use an OpenNLPLab/TransNormerLLM checkpoint (TransNormerLLM 1/2, simplermsnorm)")
+    own = OWN[family]
     published = json.loads((src / "config.json").read_text(encoding="utf-8"))
     try:
-        config = model_code.config_from_published(published)
+        config = own.model_code.config_from_published(published)
     except ValueError as e:
-        raise ModelError(f"{src}/config.json: {e}\nfix: {fix}") from None
-    if not ok:
-        raise ModelError(f"{src}: no {NAMES[family]} tokenizer found ({files} with tokenizer_config.json)\n"
-                         "fix: copy the tokenizer files that came with the model into it")
+        raise ModelError(f"{src}/config.json: {e}\nfix: {own.fix}") from None
+    if not own.has_tokenizer(src):
+        raise ModelError(f"{src}: no {NAMES[family]} tokenizer found ({own.tokenizer_file} with "
+                         "tokenizer_config.json)\nfix: copy the tokenizer files that came with the model into it")
     weights = _weight_files(src)
     if not any(p.suffix in (".bin", ".safetensors") for p in weights):
         raise ModelError(f"{src}: no weight files (*.bin, *.safetensors)\nfix: download the weights into it")
@@ -201,8 +192,8 @@ def _write_own(family: str, src: Path, out: Path, link: bool) -> str:
                 (tmp / path.name).symlink_to(path.resolve())
             else:
                 shutil.copy2(path, tmp / path.name)
-        fast = tokenizer_code.build_fast_tokenizer(src)
-        tokenizer = tokenizer_code.convert_tokenizer(src, tmp, chat_template=chat_template_jinja(template, fast))
+        fast = own.tokenizer_code.build_fast_tokenizer(src)
+        tokenizer = save_tokenizer(fast, tmp, chat_template_jinja(template, fast))
         generation = src / "generation_config.json"
         if generation.is_file():  # the publisher's sampling defaults (TransNormerLLM: do_sample, temperature, ...)
             shutil.copy2(generation, tmp / generation.name)

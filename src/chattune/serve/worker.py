@@ -47,6 +47,10 @@ class Job:
         sampled token, and a seed promises the same answer every time."""
         return not self.sampling.greedy and self.sampling.seed is not None
 
+    def skip(self) -> None:
+        """Answer a job cancelled while it waited, without running it: its handler (if still there) returns."""
+        self.emit("done", self.result([], "", False))
+
     def result(self, new: list[int], text: str, hit_stop: bool) -> dict:
         return {"text": text, "completion_tokens": len(new), "prompt_tokens": len(self.prompt_ids),
                 "stopped": hit_stop or len(new) < self.max_new_tokens, "cancelled": self.cancel.is_set()}
@@ -206,7 +210,7 @@ class Worker:
                 except queue.Empty:
                     break
             if job.cancel.is_set():
-                job.emit("done", job.result([], "", False))  # its handler (if still there) returns at once
+                job.skip()
                 continue
             if job.solo and not idle:
                 self.deferred.append(job)
@@ -278,7 +282,7 @@ class Worker:
         while True:
             job = self.deferred.popleft() if self.deferred else self.jobs.get()
             if job.cancel.is_set():
-                job.emit("done", job.result([], "", False))  # its handler (if still there) returns at once
+                job.skip()
                 continue
             self.busy.set()
             try:

@@ -20,6 +20,15 @@ from chattune.errors import ConfigError, DataError
 _PLACEHOLDER = re.compile("\ue000(\\d+)\ue001")  # private-use characters around a hidden text's index
 
 
+def _control_strings(tokenizer) -> list[str]:
+    """The tokenizer's special-token strings (those text tokenization would otherwise turn into control tokens)."""
+    found = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    for token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(token, "special", False):
+            found.add(token.content)
+    return [t for t in found if t]
+
+
 class TokenizerTemplate(Template):
     """The tokenizer's `chat_template`, split into prompt and answer pieces.
 
@@ -51,6 +60,7 @@ class TokenizerTemplate(Template):
         stop_ids = ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []) + list(extra_stop_ids or [])
         self._stop_ids = list(dict.fromkeys(stop_ids))
         self.stop_strings = [tokenizer.convert_ids_to_tokens(i) for i in self._stop_ids]
+        self.control_strings = _control_strings(tokenizer)  # what a message's text must not turn into
 
     def stop_tokens(self, tokenizer=None) -> list[int]:
         return list(self._stop_ids)
@@ -119,17 +129,10 @@ class TokenizerTemplate(Template):
                     expanded.append(Piece(part, p.trainable, markup=True))
         return expanded
 
-    def _control_strings(self) -> list[str]:
-        found = set(getattr(self.tokenizer, "all_special_tokens", None) or [])
-        for token in (getattr(self.tokenizer, "added_tokens_decoder", None) or {}).values():
-            if getattr(token, "special", False):
-                found.add(token.content)
-        return [t for t in found if t]
-
     def _hide_control_text(self, conv: Conversation) -> tuple[Conversation, list[str]]:
         """`conv` with each text that contains a special-token string (system prompt, message content) replaced
         by a placeholder, and the texts replaced (the placeholder's index)."""
-        controls = self._control_strings()
+        controls = self.control_strings
         texts: list[str] = []
 
         def hide(text):

@@ -9,18 +9,49 @@ loader calls it; other code does `import chattune.models.families; chattune.mode
 
 from __future__ import annotations
 
+import importlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 CHATGLM6B = "chattune_chatglm6b"
 TRANSNORMER = "chattune_transnormer"
 
 
-def register_all() -> None:
-    from chattune.models.families import chatglm6b, transnormer
+@dataclass(frozen=True)
+class OwnFamily:
+    """A family chattune has its own model code for (models/native.py's "chatglm6b" and "transnormer")."""
 
-    chatglm6b.register()
-    transnormer.register()
+    model_type: str  # chattune's registered model type
+    tokenizer_file: str  # the published tokenizer's data file
+    fix: str  # what to use instead when its config.json cannot be reproduced
+    family: str
+
+    @property
+    def model_code(self):
+        return importlib.import_module(f"chattune.models.families.{self.family}")
+
+    @property
+    def tokenizer_code(self):
+        return importlib.import_module(f"chattune.models.families.{self.family}_tokenizer")
+
+    def has_tokenizer(self, folder) -> bool:
+        return getattr(self.tokenizer_code, f"is_{self.family}_tokenizer")(folder)
+
+
+OWN = {
+    "chatglm6b": OwnFamily(CHATGLM6B, "ice_text.model",
+                           "use the original THUDM/chatglm-6b checkpoint (fp16 weights, no saved P-tuning prefix)",
+                           "chatglm6b"),
+    "transnormer": OwnFamily(TRANSNORMER, "tokenizer.model",
+                             "use an OpenNLPLab/TransNormerLLM checkpoint (TransNormerLLM 1/2, simplermsnorm)",
+                             "transnormer"),
+}
+
+
+def register_all() -> None:
+    for own in OWN.values():
+        own.model_code.register()
 
 
 def _model_type(config) -> str:
@@ -46,12 +77,20 @@ def packing_off_reason(config) -> str | None:
     return None
 
 
-def method_refusal(method: str, model_type: str | None) -> str | None:
-    """Why `method` cannot apply to this family (checked before the model is loaded), or None."""
-    if method == "prefix" and model_type == TRANSNORMER:
+def method_refusal(method: str, cfg) -> str | None:
+    """Why `method` (with `cfg`'s settings) cannot apply to model=`cfg.model.path`'s family, or None; read from
+    its config.json, before the model is loaded (every method's preflight asks)."""
+    if method != "prefix":
+        return None
+    model_type = spec_model_type(cfg.model.path, cfg.model.revision)
+    if model_type == TRANSNORMER:
         return ("method=prefix (P-tuning v2) does not apply to TransNormerLLM: it puts trained keys and values in "
                 "front of every attention layer, and TransNormerLLM's linear attention keeps no keys and values "
                 "(one running state per layer). Use method=lora, freeze or sft")
+    if model_type == CHATGLM6B and cfg.prefix.init_text:
+        return ("prefix.init_text does not apply to ChatGLM-6B: its forward needs [gMASK] and <sop> in every input, "
+                "so a bare text has no key/values to start from. Drop prefix.init_text (the prefix starts random, as "
+                "in ChatGLM-6B's own P-tuning v2)")
     return None
 
 
@@ -80,8 +119,4 @@ def spec_model_type(spec: str | None, revision: str | None = None) -> str | None
     if not isinstance(config, dict):
         return None
     family = native.family_of_config(config)
-    if family == "chatglm6b":
-        return CHATGLM6B
-    if family == "transnormer":
-        return TRANSNORMER
-    return config.get("model_type")
+    return OWN[family].model_type if family in OWN else config.get("model_type")
