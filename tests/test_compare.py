@@ -95,7 +95,7 @@ def test_max_tokens_keeps_only_short_records_before_the_split(setup, tmp_path):
     spec_file = tmp_path / "c.yaml"
     spec_file.write_text(yaml.safe_dump(spec_dict))
     logged = []
-    train_file, test_file = split_data(load_spec(str(spec_file), []), tmp_path / "out", logged.append)
+    train_file, test_file = split_data(load_spec(str(spec_file), [])[0], tmp_path / "out", logged.append)
     kept = [WORDS[i] for i in range(len(WORDS)) if i % 3][:7]
     read = lambda f: [json.loads(line)["output"].split("_")[0] for line in f.read_text().splitlines()]
     assert read(train_file) == kept[:5] and read(test_file) == kept[5:]
@@ -103,4 +103,27 @@ def test_max_tokens_keeps_only_short_records_before_the_split(setup, tmp_path):
     spec_dict["max_tokens"] = 8
     spec_file.write_text(yaml.safe_dump(spec_dict))
     with pytest.raises(ConfigError, match="max_tokens=8 keeps 0 of 12 records"):
-        split_data(load_spec(str(spec_file), []), tmp_path / "out2", logged.append)
+        split_data(load_spec(str(spec_file), [])[0], tmp_path / "out2", logged.append)
+
+
+def test_command_line_sets_compare_keys_and_refuses_keys_compare_decides(setup, tmp_path):
+    """`output_dir=X` and `train_data=F` set the compare's own keys (they used to be overridden by the compare file
+    without a word); run-config keys that compare decides per variant are refused with what does the job."""
+    from chattune.compare import load_spec
+    from chattune.errors import ConfigError
+
+    root, cfg = setup
+    other = write_jsonl(tmp_path / "other.jsonl", [{"instruction": w, "output": w} for w in WORDS])
+    spec, run_keys = load_spec(str(cfg), [f"output_dir={tmp_path / 'X'}", f"train_data={other}", "eval.batch_size=3",
+                                          "shared.train.lr=0.5", "lora.r=4", "test_split=0.25"])
+    assert spec.output_dir == str(tmp_path / "X") and spec.train_data == str(other)
+    assert spec.eval.batch_size == 3 and spec.test_split == 0.25 and spec.shared["train"]["lr"] == 0.5
+    assert run_keys == ["lora.r=4"]
+    for key, fix in (("data.train=y.jsonl", "give train_data=FILE"), ("resume=auto", "resumes an unfinished"),
+                     ("overwrite=true", "give a new output_dir=DIR"), ("variants=[]", "set in the compare file")):
+        with pytest.raises(ConfigError, match=fix):
+            load_spec(str(cfg), [key])
+    with pytest.raises(ConfigError, match=r"unknown config key `eval.batchsize`.*did you mean `eval.batch_size`"):
+        load_spec(str(cfg), ["eval.batchsize=3"])
+    with pytest.raises(ConfigError, match=r"unknown config key `trian.lr`.*the compare's own keys: train_data"):
+        load_spec(str(cfg), ["trian.lr=3"])

@@ -8,7 +8,10 @@ The compare config (see configs/compare_spo.yaml):
     output_dir: DIR             shared: {run-config keys for every variant}
     eval: {metrics, max_new_tokens, batch_size, limit}
     variants: [{name, overrides: {run-config keys} | [key=value, ...]}, ...]
-Command-line `key=value` arguments are run-config keys applied to every variant (after shared and the variant's).
+Command-line `key=value` arguments set a compare key when they name one (`output_dir=X`, `train_data=F`,
+`eval.batch_size=4`, `shared.train.lr=1e-4`, ...), otherwise a run-config key applied to every variant (after shared
+and the variant's). Run-config keys that compare decides for each variant (data.train, resume, overwrite) are
+refused with the compare key that does what was meant: none is silently overridden.
 
 Each variant trains and is evaluated in a subprocess of its own (`python -m chattune train|eval`), so its peak
 memory is its own (peak RSS on CPU, torch.cuda.max_memory_allocated on GPU) and a crash in one loses nothing of
@@ -88,28 +91,70 @@ def _flatten(mapping: dict, prefix: str = "") -> list[str]:
     return out
 
 
+# Run-config keys that compare sets for every variant itself: given on the command line, they would be overridden
+# without a word, so they are refused with what does the job.
+DECIDED_RUN_KEYS = {
+    "data.train": "the variants train on the compare key train_data (less the held-out test set): "
+                  "give train_data=FILE",
+    "resume": "compare resumes an unfinished variant itself (resume=auto) and keeps a finished one trained with the "
+              "same configuration",
+    "overwrite": "compare retrains a variant whose configuration changed and keeps one whose configuration is the "
+                 "same; to train every variant again, give a new output_dir=DIR",
+}
+
+
+COMPARE_KEYS = ("train_data", "test_data", "test_split", "max_tokens", "records", "output_dir", "eval.metrics",
+                "eval.max_new_tokens", "eval.batch_size", "eval.limit", "shared.KEY")
+
+
+def split_cli(cli: list[str]) -> tuple[list[str], list[str]]:
+    """Command-line `key=value`s -> (compare keys, run-config keys for every variant)."""
+    from chattune.config import parse_override
+
+    own, run = [], []
+    for text in cli:
+        key, _ = parse_override(text)
+        head = key.split(".")[0]
+        if key in DECIDED_RUN_KEYS:
+            raise ConfigError(f"compare: `{key}` cannot be set on the command line: {DECIDED_RUN_KEYS[key]}")
+        if head == "variants":
+            raise ConfigError("compare: variants are set in the compare file; command-line run-config keys apply to "
+                              "every variant (`shared.KEY=VALUE` does the same)")
+        (own if head in CompareSpec.model_fields else run).append(text)
+    return own, run
+
+
 def variant_overrides(spec: CompareSpec, variant: Variant, cli: list[str], train_file: Path, run_dir: Path) -> list[str]:
     own = variant.overrides if isinstance(variant.overrides, list) else _flatten(variant.overrides)
     return [*_flatten(spec.shared), *own, *cli, f"data.train={train_file}", f"output_dir={run_dir}"]
 
 
-def load_spec(path: str, cli: list[str]) -> CompareSpec:
-    from chattune.config import load_config
+def load_spec(path: str, cli: list[str]) -> tuple[CompareSpec, list[str]]:
+    """The compare spec with the command line's compare keys applied, and the run-config keys left for the variants."""
+    from chattune.config import apply_overrides, load_config, parse_override
 
-    spec = validate(CompareSpec, read_yaml_config(path))
+    own, cli = split_cli(cli)
+    spec = validate(CompareSpec, apply_overrides(read_yaml_config(path), own))
     base = Path(path).resolve().parent
-    for attr in ("train_data", "test_data"):  # data paths are relative to the compare file
+    given = {parse_override(text)[0] for text in own}
+    for attr in ("train_data", "test_data"):  # data paths in the file are relative to it; given ones to the cwd
         value = getattr(spec, attr)
-        if value and not Path(value).is_absolute() and not Path(value).exists() and (base / value).exists():
+        if value and attr not in given and not Path(value).is_absolute() and not Path(value).exists() and \
+                (base / value).exists():
             setattr(spec, attr, str(base / value))
     if not Path(spec.train_data).exists():
         raise ConfigError(f"{path}: train_data {spec.train_data} not found")
     for v in spec.variants:  # every variant's run config must be valid before anything trains
-        load_config(None, variant_overrides(spec, v, cli, Path(spec.train_data), Path(spec.output_dir) / v.name))
+        try:
+            load_config(None, variant_overrides(spec, v, cli, Path(spec.train_data), Path(spec.output_dir) / v.name))
+        except ConfigError as e:
+            if not str(e).startswith("unknown config key"):
+                raise
+            raise ConfigError(f"compare: {e}; the compare's own keys: {', '.join(COMPARE_KEYS)}") from None
     names = [v.name for v in spec.variants]
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: variant names must differ: {', '.join(names)}")
-    return spec
+    return spec, cli
 
 
 def split_data(spec: CompareSpec, out: Path, log) -> tuple[Path, Path]:
@@ -203,7 +248,7 @@ COLUMNS = ["variant", "method", "trainable_params", "trainable_percent", "peak_t
 
 
 def compare(path: str, cli: list[str], log=print) -> dict:
-    spec = load_spec(path, cli)
+    spec, cli = load_spec(path, cli)
     out = Path(spec.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     train_file, test_file = split_data(spec, out, log)
@@ -243,6 +288,7 @@ def markdown_table(rows: list[dict], metric_cols: list[str]) -> str:
         for k in keys:
             v = r.get(k)
             cells.append(f"{v:,}" if isinstance(v, int) and k == "trainable_params" else
+                         f"{v:.4f}" if isinstance(v, float) and k == "bleu-4" else  # 0-1, as GLM-4's demo
                          f"{v:.2f}" if isinstance(v, float) else str(v))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -1,9 +1,11 @@
 """Scores of generated answers against references, computed the way the field's results are reported.
 
-- `rouge-1`, `rouge-2`, `rouge-l` (F) and `bleu-4`, as GLM-4's finetune demo computes them: both texts cut into
-  words by jieba, ROUGE from the `rouge-chinese` package on the space-joined words, BLEU-4 from nltk's
-  `sentence_bleu` with `SmoothingFunction().method3`; each x100 and averaged over samples. An empty prediction
-  or reference scores 0 (rouge-chinese raises on empty text; that is not a crash worth having).
+- `rouge-1`, `rouge-2`, `rouge-l` (F) and `bleu-4`, named and scaled as GLM-4's finetune demo reports them
+  (finetune/finetune.py, `compute_metrics`): both texts cut into words by jieba; ROUGE from the `rouge-chinese`
+  package on the space-joined words, per sample x100 rounded to 4 decimals; BLEU-4 from nltk's `sentence_bleu`
+  with `SmoothingFunction().method3`, per sample on its own 0-1 scale (the demo does not scale it); each averaged
+  over samples. So a chattune `bleu-4` of 0.2 sits beside a demo log's 0.2. An empty prediction or reference
+  scores 0 (rouge-chinese raises on empty text; that is not a crash worth having).
 - `exact`: 100 x the share of predictions equal to their reference after stripping surrounding white space.
 - `triple_f1` (and `triple_p`, `triple_r`): ChatGLM-Finetuning's SPO extraction task. The answer lists triples
   `head_relation_tail`, one per line (the shared data's spo answers join them with newlines); a line that does
@@ -27,7 +29,7 @@ def words(text: str) -> list[str]:
 
 
 def rouge_scores(prediction: str, reference: str) -> dict[str, float]:
-    """ROUGE-1/2/L F x100 for one sample, on jieba words."""
+    """ROUGE-1/2/L F x100 for one sample, on jieba words, rounded to 4 decimals as GLM-4's demo does."""
     from rouge_chinese import Rouge
 
     pred, ref = " ".join(words(prediction.strip())), " ".join(words(reference.strip()))
@@ -38,17 +40,17 @@ def rouge_scores(prediction: str, reference: str) -> dict[str, float]:
         scores = Rouge().get_scores(pred, ref)[0]
     except (ValueError, RecursionError):  # e.g. only punctuation left after its own filtering
         return zero
-    return {k: v["f"] * 100 for k, v in scores.items()}
+    return {k: round(v["f"] * 100, 4) for k, v in scores.items()}
 
 
 def bleu4(prediction: str, reference: str) -> float:
-    """Sentence BLEU-4 x100 with nltk's smoothing method 3, on jieba words."""
+    """Sentence BLEU-4 (0-1, unscaled as GLM-4's demo reports it) with nltk's smoothing method 3, on jieba words."""
     from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 
     pred, ref = words(prediction.strip()), words(reference.strip())
     if not pred or not ref:
         return 0.0
-    return sentence_bleu([ref], pred, smoothing_function=SmoothingFunction().method3) * 100
+    return sentence_bleu([ref], pred, smoothing_function=SmoothingFunction().method3)
 
 
 def exact(prediction: str, reference: str) -> float:
