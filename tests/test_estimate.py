@@ -219,3 +219,17 @@ def test_estimate_within_25_percent_of_measured_peak_on_the_bundled_model(method
     measured = json.loads((tmp_path / "run" / "run.json").read_text())["peak_memory_mb"] * 2**20
     print(f"\nestimate {method}: {e.total_bytes / 2**20:.0f} MiB estimated, {measured / 2**20:.0f} MiB measured")
     assert abs(e.total_bytes / measured - 1) < 0.25
+
+
+def test_estimate_refuses_keys_it_does_not_read():
+    """A run key the estimate never reads (output_dir, train.lr, data.train, template) is refused naming the keys that
+    apply, instead of being accepted and changing nothing; the keys it reads and a method section's keys pass."""
+    from chattune.commands.estimate import check_keys
+    from chattune.errors import ConfigError
+
+    for key in ("output_dir=/tmp/x", "train.lr=1", "data.train=x.jsonl", "template=chatml", "resume=auto"):
+        with pytest.raises(ConfigError, match=r"has no effect on `chattune estimate`; the keys that apply: model, "
+                                              r"method, data.max_length, train.batch_size"):
+            check_keys([key])
+    check_keys(["model=x", "model.trust_remote_code=true", "method=lora", "lora.r=4", "prefix.num_virtual_tokens=8",
+                "data.max_length=64", "train.batch_size=2", "train.gradient_checkpointing=true", "train.deepspeed=x"])

@@ -11,13 +11,37 @@ def configure(p) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object (with total_bytes)")
 
 
+# The run-config keys the estimate reads (a key given on the command line outside these would change nothing, so it
+# is refused); every key of a method's own section (lora.*, prefix.*, ...) counts, as they decide what trains.
+ESTIMATE_KEYS = ("model", "method", "data.max_length", "train.batch_size", "train.precision",
+                 "train.gradient_checkpointing", "train.label_only_logits", "train.compile", "train.max_steps",
+                 "train.deepspeed", "train.fsdp", "train.fsdp_config")
+
+
+def check_keys(overrides: list[str]) -> None:
+    """Refuse a given key the estimate does not read, naming those it does."""
+    from chattune.config import parse_override
+    from chattune.errors import ConfigError
+    from chattune.methods import REGISTRY
+
+    sections = {m.section for m in REGISTRY.values() if getattr(m, "section", None)}
+    for text in overrides:
+        key = parse_override(text)[0]
+        if key.split(".")[0] in {"model", *sections} or key in ESTIMATE_KEYS:
+            continue
+        if key.split(".")[0] in ("data", "train", "output_dir", "resume", "overwrite", "template"):
+            raise ConfigError(f"`{key}` has no effect on `chattune estimate`; the keys that apply: "
+                              f"{', '.join(ESTIMATE_KEYS)}, model.*, and the method's section ({', '.join(sorted(sections))})")
+
+
 def run(args) -> int:
     import json
 
-    from chattune.config import config_from_args
+    from chattune.config import config_from_args, split_config_arg
     from chattune.estimate import estimate, format_estimate, parse_size
     from chattune.log import log
 
+    check_keys(split_config_arg(args.args)[1])
     cfg = config_from_args(args.args)
     e = estimate(cfg, args.gpus, parse_size(args.gpu_memory) if args.gpu_memory else None, log=log)
     print(json.dumps(e.to_json(), indent=2) if args.json else format_estimate(e))
