@@ -150,3 +150,20 @@ def test_serve_engine_batches_a_block_weight_model_exactly(tmp_path):
         assert batching_is_exact(model, 0)
         together = decode(prompts)
     assert together == alone_fp32
+
+
+def test_ordinary_weights_are_refused_after_one_row(monkeypatch):
+    """An ordinary fp32 weight is found not to be blocks from its first row alone: the whole-weight search (several
+    full-size passes per layer) runs only for a weight whose first row is blocks, and still decides on all of it."""
+    seen = []
+    real_q4, real_q8 = blockweights.q4_blocks, blockweights.q8_blocks
+    monkeypatch.setattr(blockweights, "q4_blocks", lambda w: seen.append(("q4", tuple(w.shape))) or real_q4(w))
+    monkeypatch.setattr(blockweights, "q8_blocks", lambda w: seen.append(("q8", tuple(w.shape))) or real_q8(w))
+    assert BlockWeight.of(torch.randn(64, 128)) is None
+    assert seen == [("q4", (1, 128)), ("q8", (1, 128))]
+    seen.clear()
+    w = q8_exact(64, 128)
+    w[40, 3] = torch.nextafter(w[40, 3], torch.tensor(1.0))  # blocks in the first row, not further down
+    assert BlockWeight.of(w) is None
+    assert ("q8", (64, 128)) in seen  # the whole weight was checked
+    assert BlockWeight.of(q8_exact(64, 128)).kind == "q8" and BlockWeight.of(q4_exact(64, 128)).kind == "q4"

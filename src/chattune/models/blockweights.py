@@ -408,6 +408,14 @@ def q8_layout(w: torch.Tensor) -> torch.Tensor | None:
     return torch.cat([_halves(d), q.view(torch.uint8)], dim=-1).reshape(w.shape[0], -1).contiguous()
 
 
+def could_be_blocks(w: torch.Tensor) -> bool:
+    """Whether the first row of `w` is exactly Q4_1 or Q8_0 blocks: an ordinary fp32/bf16-trained weight fails here
+    at the cost of one row, instead of the several full-size passes of the whole search (a weight that passes is
+    still checked whole)."""
+    row = w[:1]
+    return q4_blocks(row) is not None or q8_blocks(row) is not None
+
+
 class BlockWeight:
     """A weight in the kernel's layout: kind "q4" or "q8", the uint8 tensor and its address."""
 
@@ -417,6 +425,8 @@ class BlockWeight:
     @classmethod
     def of(cls, w: torch.Tensor) -> "BlockWeight | None":
         with torch.no_grad():
+            if not could_be_blocks(w.detach()):
+                return None
             data = q4_layout(w.detach())
             if data is not None:
                 return cls("q4", data)
