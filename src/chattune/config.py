@@ -28,9 +28,18 @@ class ModelConfig(_Section):
     revision: str | None = Field(None, description="a hub model's branch, tag or commit (hub ids only)")
 
 
+# data.columns: the format fields a column of the data can be read as (docs/data.md)
+COLUMN_FIELDS = ("instruction", "input", "output", "system", "history", "messages", "conversations", "tools")
+
+
 class DataConfig(_Section):
-    train: str | None = None
-    eval: str | None = None
+    train: str | list[str] | None = Field(None, description="a data file, a folder, hf:ORG/NAME (a dataset in the "
+                                          "`datasets` cache), or a list of them (docs/data.md)")
+    eval: str | list[str] | None = Field(None, description="the same kinds of sources; a list is concatenated")
+    mix: list[float] | None = Field(None, description="one weight per data.train source: rows are drawn by weight "
+                                    "(seeded by train.seed) instead of concatenated")
+    columns: dict[str, str] = Field(default_factory=dict, description="the data's column for a format field, e.g. "
+                                    "data.columns.instruction=question")
     format: Literal["auto", "alpaca", "messages", "sharegpt"] = "auto"
     max_length: int = Field(1024, ge=8)
     train_on: Literal["all", "last"] = "all"
@@ -38,6 +47,52 @@ class DataConfig(_Section):
     packing: bool = True
     skip_invalid: bool = False
     system: str | None = Field(None, description="system prompt for records that have none")
+
+    @field_validator("train", "eval")
+    @classmethod
+    def _source_list(cls, v: Any, info) -> Any:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError(f"data.{info.field_name}: an empty list; give one source or several")
+            blank = [i for i, s in enumerate(v) if not s.strip()]
+            if blank:
+                raise ValueError(f"data.{info.field_name}[{blank[0]}]: an empty source name")
+        return v
+
+    @field_validator("mix")
+    @classmethod
+    def _weights(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None:
+            bad = [w for w in v if not 0 <= w < float("inf")]
+            if bad or not sum(v) > 0:
+                raise ValueError("data.mix: weights must be finite, at least 0, and not all 0; they are normalised "
+                                 "to sum to 1")
+        return v
+
+    @field_validator("columns")
+    @classmethod
+    def _column_fields(cls, v: dict[str, str]) -> dict[str, str]:
+        unknown = [k for k in v if k not in COLUMN_FIELDS]
+        if unknown:
+            raise ValueError(f"data.columns.{unknown[0]}: not a format field; the fields a column can be read as: "
+                             f"{', '.join(COLUMN_FIELDS)}")
+        blank = [k for k, c in v.items() if not c.strip()]
+        if blank:
+            raise ValueError(f"data.columns.{blank[0]}: an empty column name")
+        return v
+
+    @model_validator(mode="after")
+    def _one_weight_per_source(self) -> "DataConfig":
+        if self.mix is not None:
+            sources = [self.train] if isinstance(self.train, str) else self.train or []
+            if len(self.mix) != len(sources):
+                raise ValueError(f"data.mix has {len(self.mix)} weights for {len(sources)} data.train sources; give "
+                                 "one weight per source, in the same order (or leave data.mix out to concatenate)")
+        return self
+
+
+# train.report_to: the experiment trackers of transformers' own integrations that chattune offers (train/trackers.py)
+TRACKERS = ("tensorboard", "wandb", "mlflow", "swanlab")
 
 
 class TrainConfig(_Section):
@@ -81,6 +136,24 @@ class TrainConfig(_Section):
 
 
 class _RunConfigBase(_Section):
+    report_to: list[str] = Field(default_factory=list, description="experiment trackers: none, or any of "
+                                 "tensorboard, wandb, mlflow, swanlab (a list or a comma string)")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _tracker_list(cls, v: Any) -> Any:
+        names = [n.strip() for n in v.split(",") if n.strip()] if isinstance(v, str) else v
+        if names is None or names == ["none"]:
+            return []
+        if not isinstance(names, list):
+            return names  # pydantic names the wrong type
+        if "none" in names:
+            raise ValueError("train.report_to: `none` cannot be combined with trackers; drop it")
+        bad = [n for n in names if n not in TRACKERS]
+        if bad:
+            raise ValueError(f"train.report_to: unknown tracker {', '.join(map(repr, bad))}; choose none or any of "
+                             f"{', '.join(TRACKERS)}")
+        return list(dict.fromkeys(names))  # each tracker once
     model: ModelConfig = Field(default_factory=ModelConfig)
     template: str = "auto"
     data: DataConfig = Field(default_factory=DataConfig)

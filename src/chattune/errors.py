@@ -19,7 +19,7 @@ class DataError(ChattuneError):
     """One or more invalid records. `problems` holds one `file:line: field: what is wrong` string each."""
 
     def __init__(self, problems: list[str], hint: str = ""):
-        self.problems = list(problems)
+        self.problems, self.hint = list(problems), hint
         shown = self.problems[:50]
         more = len(self.problems) - len(shown)
         lines = shown + ([f"... and {more} more problems"] if more > 0 else [])

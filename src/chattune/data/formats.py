@@ -1,4 +1,4 @@
-"""Validate training records in the three supported formats, into `Conversation`s (the files are read by readers.py).
+"""Validate training records in the three supported formats, into `Conversation`s (the sources are read by readers.py).
 
 Formats (detected from the keys of each record, or forced with `data.format`; one format per file):
 - alpaca:   {"instruction", "input"?, "output", "system"?, "history"?: [[user, assistant], ...]}
@@ -7,7 +7,8 @@ Formats (detected from the keys of each record, or forced with `data.format`; on
 - sharegpt: {"conversations": [{"from": human|gpt|function_call|observation|system, "value"}],
              "system"?, "tools"?}
 
-Every problem is reported as `file:line: field: what is wrong` (JSON arrays: `file[index]`), all at once: every
+Every problem is reported as `file:line: field: what is wrong` (JSON arrays: `file[index]`; tables: `file:row N`;
+a field renamed by data.columns under the data's own name), all at once: every
 bad record, and within a record every bad field. Each problem also carries a short reason ("missing field",
 "unknown role", ...) so `data.skip_invalid=true` can report how many records were skipped and why.
 Validation is hand-written rather than a JSON schema: a schema validator reports the first failing branch of an
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from chattune.data.readers import _Invalid, _json_error, _type_name, find_split, iter_raw_records
+from chattune.data.readers import RawSource, _Invalid, _json_error, _type_name, open_source
 from chattune.errors import DataError
 
 FORMATS = ("alpaca", "messages", "sharegpt")
@@ -55,6 +56,7 @@ class LoadResult:
     problems: list[str] = field(default_factory=list)  # records skipped (data.skip_invalid), one line per record
     format: str = ""
     reasons: list[str] = field(default_factory=list)  # the reason of each skipped record (its first problem)
+    source: RawSource | None = None  # what was read: its name, kind, path (readers.py)
 
     def skip_counts(self) -> dict[str, int]:
         """Skipped records per reason, most frequent first."""
@@ -135,9 +137,12 @@ def load_conversations(
     skip_invalid: bool = False,
     train_on: str = "all",
     default_system: str | None = None,
+    columns: dict[str, str] | None = None,
 ) -> LoadResult:
-    """Parse and validate a data file/folder. Raises DataError listing every problem unless skip_invalid."""
-    file = find_split(path, split)
+    """Parse and validate one data source (readers.open_source: a file, a folder, a saved dataset, `hf:ID`; its
+    `columns` renamed to the format's fields). Raises DataError listing every problem unless skip_invalid."""
+    source = open_source(path, split, columns)
+    file = source.name
     conversations: list[Conversation] = []
     problems: list[str] = []  # every problem, one line each
     skipped: list[str] = []  # one line per invalid record (its first problem)
@@ -145,7 +150,7 @@ def load_conversations(
     first: tuple[str, str] | None = None  # (format, location) of the file's first record: one format per file
     if fmt != "auto" and fmt not in PARSERS:
         raise DataError([f"data.format={fmt}: unknown format"], f"fix: choose auto or one of {', '.join(FORMATS)}")
-    for loc, rec in iter_raw_records(file):
+    for loc, rec in source.records:
         try:
             if isinstance(rec, _Invalid):
                 raise rec
@@ -174,19 +179,19 @@ def load_conversations(
             conversations.append(conv)
         except (_Invalid, _InvalidRecord) as e:
             found = e.problems if isinstance(e, _InvalidRecord) else [e]
-            problems += [f"{loc}: {p.field_name}: {p.message}" for p in found]
+            problems += [f"{loc}: {source.shown(p.field_name)}: {p.message}" for p in found]
             more = f" (and {len(found) - 1} more problems in this record)" if len(found) > 1 else ""
-            skipped.append(f"{loc}: {found[0].field_name}: {found[0].message}{more}")
+            skipped.append(f"{loc}: {source.shown(found[0].field_name)}: {found[0].message}{more}")
             reasons.append(found[0].reason)
     if problems and not skip_invalid:
         raise DataError(problems, FIX_RECORDS)
     if not conversations:
         if problems:  # data.skip_invalid=true, and nothing was valid
-            raise DataError(problems + [f"{file}: (file): no valid record left ({len(reasons)} invalid)"],
+            raise DataError(problems + [f"{file}: ({source.what}): no valid record left ({len(reasons)} invalid)"],
                             "fix: correct the records above; data.skip_invalid only helps when some are valid")
-        raise DataError([f"{file}: (file): no records (an empty JSON array)"],
+        raise DataError([f"{file}: ({source.what}): no records ({source.empty})"],
                         "fix: point the setting at a file with records")
-    return LoadResult(conversations, skipped, first[0] if first else "", reasons)
+    return LoadResult(conversations, skipped, first[0] if first else "", reasons, source)
 
 
 # ---------------------------------------------------------------- field checks

@@ -1,19 +1,23 @@
-"""`chattune data inspect FILE`: validate every record, show one rendered sample with its trained spans, and
-token-length statistics with what `data.max_length` and `data.truncation` do to the samples (the same checks and
-the same warning as `chattune train`, without loading the model's weights)."""
+"""`chattune data inspect SOURCE`: validate every record, show how the sources are mixed (several, or data.mix),
+one rendered sample with its trained spans, and token-length statistics with what `data.max_length` and
+`data.truncation` do to the samples (the same checks and the same warning as `chattune train`, without loading the
+model's weights)."""
 
 from __future__ import annotations
 
 import json
 import statistics
 import sys
+from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 from chattune.config import RunConfig
 from chattune.data.encode import (IGNORE, EncodeStats, encode_conversation, encode_conversations, length_for_share,
                                   truncation_report)
-from chattune.data.formats import load_conversations
+from chattune.data.sources import DataSet, as_sources, load_data
 from chattune.data.templates import get_template
+from chattune.errors import ConfigError
 from chattune.models.load import load_tokenizer, model_type, resolve_model_path
 
 GREEN, DIM, RESET = "\x1b[32;1m", "\x1b[2m", "\x1b[0m"
@@ -58,36 +62,60 @@ def _span(text: str, trained: bool, color: bool) -> str:
     return f"⟦{text}⟧" if trained else text
 
 
-def inspect(file: str, cfg: RunConfig, sample: int = 0, out=None, log=print) -> dict:
-    """Validate `file` as training would (the same DataError, exit 2, on bad records or, with
-    data.truncation=error, on over-long samples), then print one sample as it is trained and the statistics."""
+def sources_table(data: DataSet, seed: int) -> list[str]:
+    """How several sources (or one weighted by data.mix) make the data set: per source what was read, its kind and
+    format, valid records, weight and records taken."""
+    how = f"drawn by data.mix (seed {seed})" if data.mixed else "concatenated"
+    rows = [("source", "kind", "format", "valid", "weight", "taken")]
+    rows += [(s.name, s.kind, s.format, str(s.rows), "-" if s.weight is None else f"{s.weight:.3f}", str(s.taken))
+             for s in data.sources]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [f"data.train: {len(data.sources)} source{'s' if len(data.sources) > 1 else ''}, "
+             f"{len(data.conversations)} records {how}"
+             + (f", {len(data.problems)} invalid skipped" if data.problems else "")]
+    for r in rows:
+        lines.append("  " + "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    return lines
+
+
+def inspect(file: str | list[str] | None, cfg: RunConfig, sample: int = 0, out=None, log=print) -> dict:
+    """Validate the source(s) `file` (None: the config's data.train, with its data.mix) as training would (the same
+    DataError, exit 2, on bad records or, with data.truncation=error, on over-long samples), then print how the
+    sources are mixed, one sample as it is trained and the statistics."""
     out = out or sys.stdout
     color = hasattr(out, "isatty") and out.isatty()
     d = cfg.data
-    loaded = load_conversations(file, fmt=d.format, skip_invalid=d.skip_invalid, train_on=d.train_on,
-                                default_system=d.system)
+    specs = as_sources(file if file is not None else d.train)
+    if not specs:
+        raise ConfigError("no data to inspect: give a SOURCE (chattune data inspect FILE) or data.train=SOURCE")
+    data = load_data(specs, "train", d, cfg.train.seed, d.mix if file is None else None)
     tokenizer, template = tokenizer_and_template(cfg, log)
+    conversations = data.conversations
     if d.truncation == "error":
-        encode_conversations(loaded.conversations, template, tokenizer, d.max_length, "error")
+        encode_conversations(conversations, template, tokenizer, d.max_length, "error")
     stats = EncodeStats()
-    encoded = [encode_conversation(c, template, tokenizer, d.max_length, d.truncation, stats)
-               for c in loaded.conversations]
+    encoded = [encode_conversation(c, template, tokenizer, d.max_length, d.truncation, stats) for c in conversations]
     lengths = stats.lengths
     kept = [i for i, e in enumerate(encoded) if e is not None]
-    print(f"{file}: {len(loaded.conversations)} valid records, format {loaded.format}"
-          + (f", {len(loaded.problems)} invalid skipped" if loaded.problems else ""), file=out)
-    for line in loaded.skip_report(examples=20):
+    if len(specs) == 1 and not data.mixed:
+        loaded = data.results[0]
+        print(f"{specs[0]}: {len(loaded.conversations)} valid records, format {loaded.format}"
+              + (f", {len(loaded.problems)} invalid skipped" if loaded.problems else ""), file=out)
+    else:
+        for line in sources_table(data, cfg.train.seed):
+            print(line, file=out)
+    for line in data.skip_report(examples=20):
         print(line, file=out)
     print(f"template: {template.name} ({template.chosen_because}), model: {cfg.model.path}", file=out)
     legend = "trained tokens in green" if color else "trained tokens inside ⟦ ⟧"
     i = min(max(sample, 0), len(encoded) - 1)
     e = encoded[i]
     if e is None:  # dropped by the truncation policy: show it whole, and say so
-        e = encode_conversation(loaded.conversations[i], template, tokenizer, 10**12, "right")
+        e = encode_conversation(conversations[i], template, tokenizer, 10**12, "right")
         how = f"dropped by data.truncation={d.truncation} at data.max_length={d.max_length}; shown uncut"
     else:
         how = f"cut from {lengths[i]} by data.truncation={d.truncation}" if e.truncated else "as trained"
-    print(f"\n--- sample {i} ({loaded.conversations[i].source}; {len(e.input_ids)} tokens, {how}; "
+    print(f"\n--- sample {i} ({conversations[i].source}; {len(e.input_ids)} tokens, {how}; "
           f"{sum(x != IGNORE for x in e.labels)} trained; {legend}) ---", file=out)
     print(render_labels(tokenizer, e.input_ids, e.labels, color), file=out)
     print("--- end of sample ---\n", file=out)
@@ -97,7 +125,8 @@ def inspect(file: str, cfg: RunConfig, sample: int = 0, out=None, log=print) -> 
               "p95": round(q[18], 1), "max": max(lengths), "mean_trained": round(statistics.mean(trained), 1),
               "max_length": d.max_length, "over_max_length": stats.truncated, "dropped": stats.dropped,
               "answers_cut": stats.answers_cut, "max_length_for_95": length_for_share(lengths),
-              "skipped": loaded.skip_counts()}
+              "skipped": dict(sum((Counter(r.reasons) for r in data.results), Counter()).most_common()),
+              "sources": [asdict(s) for s in data.sources]}
     print(f"tokens per sample: min {report['min']}, median {report['median']}, p95 {report['p95']}, "
           f"max {report['max']}; trained tokens per sample (mean, after truncation): {report['mean_trained']}",
           file=out)

@@ -6,7 +6,6 @@ import json
 import math
 import signal
 import threading
-import time
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -15,18 +14,13 @@ from transformers.trainer_callback import ProgressCallback
 
 class MetricsCallback(TrainerCallback):
     """One JSON line per logging step: exact token-weighted loss of the steps since the last line, the learning
-    rate used for the last step, real (non-pad) tokens per second, grad norm. Eval results get their own lines."""
+    rate used for the last step, real (non-pad) tokens per second, grad norm. Eval results get their own lines.
+    The figures come from the log dict, where ChattuneTrainer.log put them for every callback and tracker."""
 
-    def __init__(self, accounting, path: str | Path):
-        self.accounting = accounting  # the trainer's StepAccounting
+    def __init__(self, path: str | Path):
         self.path = Path(path)
         self.lr = None
-        self.window_start = time.perf_counter()
         self.last: dict = {}  # the latest training line, for the progress bar
-
-    def on_train_begin(self, args, state, control, **kw):
-        self.window_start = time.perf_counter()
-        self.accounting.take_window()
 
     def on_step_begin(self, args, state, control, lr_scheduler=None, **kw):
         if lr_scheduler is not None:
@@ -38,25 +32,17 @@ class MetricsCallback(TrainerCallback):
         return control
 
     def on_log(self, args, state, control, logs=None, **kw):
-        if not logs:
-            return
-        if "loss" in logs:  # every rank takes its window (and joins the sum across ranks); rank 0 writes
-            now = time.perf_counter()
-            loss, tokens, trained = self.accounting.take_window(across_ranks=True)
-        if not args.should_save:  # only the main process writes
+        if not logs or not args.should_save:  # only the main process writes
             return
         record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
-        if "loss" in logs:
-            elapsed = max(now - self.window_start, 1e-9)
-            self.window_start = now
-            record.update(loss=loss, lr=self.lr, tokens=tokens, tokens_per_s=round(tokens / elapsed, 2),
-                          trained_tokens=trained, grad_norm=logs.get("grad_norm"))
+        if "tokens_per_s" in logs:  # a training line
+            record.update(loss=logs["loss"], lr=self.lr, tokens=logs["tokens"], tokens_per_s=logs["tokens_per_s"],
+                          trained_tokens=logs["trained_tokens"], grad_norm=logs.get("grad_norm"))
+            self.last = record
         elif any(k.startswith("eval_") for k in logs):
             record.update({k: v for k, v in logs.items() if k.startswith("eval_")})
         else:
             return
-        if "loss" in record:
-            self.last = record
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()

@@ -1,5 +1,5 @@
-"""A run's data, ready for the Trainer: read, validate and encode the training and eval files (`PreparedData`), the
-data log lines, and the eval records `train.eval_generate` generates for."""
+"""A run's data, ready for the Trainer: read, validate, mix and encode the training and eval sources
+(`PreparedData`, data/sources.py), the data log lines, and the eval records `train.eval_generate` generates for."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from chattune.config import RunConfig
 from chattune.data.encode import EncodeStats, encode_conversations, truncation_report
-from chattune.data.formats import load_conversations
+from chattune.data.sources import DataSet, SourceReport, as_sources, load_data
 from chattune.errors import ConfigError, DataError
 
 
@@ -30,36 +30,44 @@ class PreparedData:
     eval: ListDataset | None
     stats: EncodeStats
     skipped: list[str] = field(default_factory=list)
+    sources: list[SourceReport] = field(default_factory=list)  # data.train's, with what the mix took of each
+    eval_conversations: list = field(default_factory=list)  # the eval records, for train.eval_generate
 
 
-def encode_file(path: str, cfg: RunConfig, tokenizer, template, split: str, stats: EncodeStats, skipped: list[str],
-                log=print):
+def encode_data(data: DataSet, cfg: RunConfig, tokenizer, template, stats: EncodeStats, log=print) -> list[dict]:
+    """The data set's conversations as training rows; its skipped records reported first."""
     d = cfg.data
-    loaded = load_conversations(path, split=split, fmt=d.format, skip_invalid=d.skip_invalid,
-                                train_on=d.train_on, default_system=d.system)
-    skipped.extend(loaded.problems)
-    for line in loaded.skip_report():
+    for line in data.skip_report():
         log(line)
-    encoded = encode_conversations(loaded.conversations, template, tokenizer, d.max_length, d.truncation, stats)
+    encoded = encode_conversations(data.conversations, template, tokenizer, d.max_length, d.truncation, stats)
     return [{"input_ids": e.input_ids, "labels": e.labels, "source": e.source} for e in encoded]
 
 
 def prepare_data(cfg: RunConfig, tokenizer, template, log=print) -> PreparedData:
-    """Read, validate and encode the training (and eval) data; over-long samples are reported loudly when more
+    """Read, validate, mix and encode the training (and eval) data; over-long samples are reported loudly when more
     than 5% lose something (with the data.max_length that would keep 95% whole)."""
-    if not cfg.data.train:
-        raise ConfigError("no training data: set data.train=FILE (.json/.jsonl, or a folder with a train split)")
-    stats, skipped = EncodeStats(), []
-    train_rows = encode_file(cfg.data.train, cfg, tokenizer, template, "train", stats, skipped, log)
-    for line in truncation_report(stats, cfg.data.max_length, cfg.data.truncation):
+    d = cfg.data
+    if not d.train:
+        raise ConfigError("no training data: set data.train=SOURCE (a .jsonl/.json/.csv/.parquet/.arrow file, a "
+                          "folder with a train split, hf:ORG/NAME, or a list of them)")
+    train = load_data(d.train, "train", d, cfg.train.seed, d.mix)
+    stats = EncodeStats()
+    train_rows = encode_data(train, cfg, tokenizer, template, stats, log)
+    mixed = train.mix_line(cfg.train.seed)
+    if mixed:
+        log(mixed)
+    for line in truncation_report(stats, d.max_length, d.truncation):
         log(line)
     if not train_rows:
-        raise DataError([f"{cfg.data.train}: every sample was dropped by data.truncation={cfg.data.truncation}"],
-                        "fix: raise data.max_length")
-    eval_rows = None
-    if cfg.data.eval:
-        eval_rows = encode_file(cfg.data.eval, cfg, tokenizer, template, "eval", EncodeStats(), skipped, log)
-    return PreparedData(ListDataset(train_rows), ListDataset(eval_rows) if eval_rows else None, stats, skipped)
+        raise DataError([f"{', '.join(as_sources(d.train))}: every sample was dropped by "
+                         f"data.truncation={d.truncation}"], "fix: raise data.max_length")
+    eval_rows, eval_conversations, skipped = None, [], train.problems
+    if d.eval:
+        evals = load_data(d.eval, "eval", d, columns_used=False)  # data.columns is checked on data.train
+        eval_rows = encode_data(evals, cfg, tokenizer, template, EncodeStats(), log)
+        eval_conversations, skipped = evals.conversations, skipped + evals.problems
+    return PreparedData(ListDataset(train_rows), ListDataset(eval_rows) if eval_rows else None, stats, skipped,
+                        train.sources, eval_conversations)
 
 
 def data_line(data: PreparedData, max_length: int) -> str:
@@ -75,9 +83,9 @@ def generation_eval_samples(cfg: RunConfig, data: PreparedData, log=print) -> li
     """For train.eval_generate: the first N eval records, to generate for at each evaluation (else none)."""
     eval_samples = []
     if cfg.train.eval_generate and cfg.data.eval:
-        from chattune.evaluate.run import load_samples
+        from chattune.evaluate.run import samples_from
 
-        eval_samples = load_samples(cfg.data.eval, cfg.train.eval_generate, cfg.data.format, split="eval")
+        eval_samples = samples_from(data.eval_conversations)[:cfg.train.eval_generate]
         log(f"eval: loss on {len(data.eval or [])} samples every {cfg.train.eval_steps} steps, plus "
             f"{', '.join(cfg.train.eval_metrics)} on the first {len(eval_samples)}")
     return eval_samples

@@ -4,12 +4,15 @@ library):
   because over a 49k-150k vocabulary the head costs as much as several layers and prompt tokens carry no loss;
 - a loss normalised by the number of trained tokens in the whole optimizer step (exact under gradient
   accumulation), with per-step accounting of loss and real tokens for metrics.jsonl;
-- checkpoints marked complete atomically, so `resume=auto` never picks a half-written one.
+- checkpoints marked complete atomically, so `resume=auto` never picks a half-written one;
+- chattune's figures (exact loss, real tokens/s, trained tokens) put into the Trainer's own log dict, so that
+  metrics.jsonl, the progress bar and every tracker of `train.report_to` get the same numbers.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -23,6 +26,7 @@ from chattune.train.accounting import StepAccounting
 from chattune.train.chunked_loss import cross_entropy_sum
 from chattune.train.packing import forward_accepts
 from chattune.train.samplers import fixed_order_sampler, train_sampler
+from chattune.train.trackers import tracker_environment
 
 
 class ChattuneTrainer(Trainer):
@@ -31,13 +35,15 @@ class ChattuneTrainer(Trainer):
 
     def __init__(self, *args, label_only_logits: bool = True, sample_order: list[int] | None = None,
                  chunked_loss: bool = True, warmup_ratio: float = 0.0, on_nan: str = "stop",
-                 save_total_limit: int | None = None, generation_eval=None, **kwargs):
+                 save_total_limit: int | None = None, generation_eval=None, log=print, **kwargs):
         self.sample_order = sample_order
         self.generation_eval = generation_eval  # (tokenizer, template, samples, metrics, max_new_tokens) or None
         self.on_nan = on_nan
         self.keep_checkpoints = save_total_limit  # rotation is ours: see _save_checkpoint
         self.chunked_loss = chunked_loss  # False: plain F.cross_entropy (the stock recipe, for `chattune bench`)
         self.warmup_ratio = warmup_ratio
+        self.log_line = log  # chattune's printed lines (`log` is the Trainer's method)
+        self.window_start: float | None = None  # start of the current logging window (real tokens/s)
         super().__init__(*args, **kwargs)
         # Our compute_loss divides by the trained-token count of the whole optimizer step itself.
         self.model_accepts_loss_kwargs = True
@@ -48,6 +54,36 @@ class ChattuneTrainer(Trainer):
         # sequences, so attention would silently cross sample boundaries.
         self.forward_kwargs = {"use_cache": False} if forward_accepts(base, "use_cache") else {}
         self.accounting = StepAccounting()
+
+    # -- training and logging -----------------------------------------------------------------
+    def train(self, *args, **kwargs):
+        self.accounting.take_window()  # a fresh window; its clock starts at the first training step
+        self.window_start = None
+        with tracker_environment(self.args.report_to, self.args.output_dir, self.log_line):
+            return super().train(*args, **kwargs)
+
+    def training_step(self, *args, **kwargs):
+        if self.window_start is None:
+            self.window_start = time.perf_counter()
+        return super().training_step(*args, **kwargs)
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        # Injected here, before the callbacks run, rather than in a callback: the trackers' callbacks are
+        # registered first, so only the log dict itself reaches them all with chattune's numbers.
+        if "loss" in logs:
+            logs.update(self._window_figures())
+        super().log(logs, start_time)
+
+    def _window_figures(self) -> dict:
+        """The training log line's own figures since the previous one: the exact loss (token-weighted over the
+        window, where transformers averages per-step losses) replaces `loss`; real and trained tokens, real
+        tokens/s. Every rank takes its window (a collective in a multi-process run)."""
+        now = time.perf_counter()
+        loss, tokens, trained = self.accounting.take_window(across_ranks=True)
+        elapsed = max(now - (self.window_start or now), 1e-9)
+        self.window_start = now
+        figures = {"tokens": tokens, "tokens_per_s": round(tokens / elapsed, 2), "trained_tokens": trained}
+        return figures if loss is None else {"loss": loss, **figures}
 
     # -- schedule -----------------------------------------------------------------------------
     def create_scheduler(self, num_training_steps: int, optimizer=None):

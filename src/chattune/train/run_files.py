@@ -4,6 +4,7 @@ metrics.jsonl cut back to a resumed step), then the final model, tokenizer and t
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -12,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from transformers import Trainer
 
@@ -19,6 +21,7 @@ from chattune import __version__, outputs
 from chattune.train.setup import is_main_process
 
 if TYPE_CHECKING:
+    from chattune.data.sources import SourceReport
     from chattune.train.hf_trainer import ChattuneTrainer
     from chattune.train.trainer import PreparedRun, TrainResult
 
@@ -60,6 +63,7 @@ def save_final(trainer: Trainer, run: PreparedRun) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=out))
     try:
         trainer.save_model(str(tmp))
+        run.method.finish_output(run.model, tmp)  # (LoRA from PiSSA/OLoRA: a plain adapter on the unchanged base)
         run.tokenizer.save_pretrained(str(tmp))
         write_template_files(tmp, run.template, run.tokenizer)
         if run.method.saves_full_model:
@@ -96,7 +100,7 @@ def run_summary(run: PreparedRun, result: TrainResult, best: dict | None, skippe
                "precision_reason": run.precision_reason, "packing": run.packing, "method": cfg.method,
                "trainable_params": run.trainable_params, "total_params": run.total_params,
                "trainable_percent": 100 * run.trainable_params / run.total_params,
-               "data": {"train": cfg.data.train, "sha256": _hash_file(cfg.data.train), "samples": len(run.data.train),
+               "data": {**data_sources(cfg.data.train, cfg.data.mix, run.data.sources), "samples": len(run.data.train),
                         "truncated": st.truncated, "dropped": st.dropped, "answers_cut": st.answers_cut,
                         "invalid_skipped": len(run.data.skipped)},
                "steps": result.steps, "final_loss": result.final_loss, "train_seconds": round(seconds, 3),
@@ -106,14 +110,43 @@ def run_summary(run: PreparedRun, result: TrainResult, best: dict | None, skippe
     return summary
 
 
-def _hash_file(path: str) -> str | None:
+def data_sources(train, mix: list[float] | None, sources: list[SourceReport]) -> dict:
+    """run.json's record of the training data: data.train and data.mix as given, and per source what was read, its
+    sha256 (a file's bytes; a folder's: every file's relative path and bytes) or, for a cached dataset id, its
+    `datasets` fingerprint, its valid records, weight and how many the mix took. `sha256` is the one source's
+    hash, or for several the hash of their hashes in order (the same files give the same value)."""
+    records = []
+    for s in sources:
+        rec = {"source": s.spec, "read": s.name, "kind": s.kind, "format": s.format, "rows": s.rows,
+               "invalid": s.invalid, "weight": s.weight, "taken": s.taken}
+        rec.update({"fingerprint": s.fingerprint} if s.path is None else {"sha256": hash_path(s.path)})
+        records.append(rec)
+    if len(records) == 1:
+        combined = records[0].get("sha256")
+    else:
+        digests = [r.get("sha256") or r.get("fingerprint") or "" for r in records]
+        combined = hashlib.sha256("\n".join(digests).encode()).hexdigest() if records else None
+    return {"train": train, "mix": mix, "sha256": combined, "sources": records}
+
+
+def hash_path(path: str | Path) -> str | None:
+    """sha256 of a file's bytes; of a folder, over its files (sorted): each one's relative path and bytes."""
     p = Path(path)
-    if not p.is_file():
-        return None
+    if p.is_file():
+        return _hash_files([(b"", p)])
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file())
+        return _hash_files([(f.relative_to(p).as_posix().encode() + b"\0", f) for f in files])
+    return None
+
+
+def _hash_files(files: list[tuple[bytes, Path]]) -> str:
     h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    for name, file in files:
+        h.update(name)
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()
 
 
@@ -122,4 +155,6 @@ def _versions() -> dict:
     import transformers
 
     return {"chattune": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__}
+            "transformers": transformers.__version__, "peft": peft.__version__,
+            "datasets": importlib.metadata.version("datasets"),  # it reads table data (not imported here: slow)
+            "numpy": np.__version__}  # its generator draws data.mix

@@ -25,7 +25,7 @@ from chattune.hardware import decide_precision, device_type, keep_freed_memory, 
 from chattune.methods import count_parameters, get_method
 from chattune.methods.base import Method
 from chattune.methods.common import resolve_deepspeed_config, resolve_shipped_json
-from chattune.train import fast_dropout
+from chattune.train import fast_dropout, trackers
 from chattune.train.accounting import planned_steps
 from chattune.train.callbacks import InterruptCallback, MetricsCallback, NanGuardCallback, QuietProgressCallback, \
     StopAfterCallback
@@ -76,6 +76,7 @@ def prepare(cfg: RunConfig, log=print, options: TrainOptions | None = None) -> P
     method = get_method(cfg.method)
     method.preflight(cfg, device)
     distributed_engine = bool(cfg.train.deepspeed or cfg.train.fsdp)
+    trackers.preflight(cfg.train.report_to)  # a tracker's missing package, before any work
     check_compile(cfg.train.compile, device, distributed_engine)
     if device == "cpu":
         threads = set_cpu_threads(cfg.train.num_threads, int(os.environ.get("WORLD_SIZE", "1")))
@@ -157,7 +158,8 @@ def training_arguments(run: PreparedRun) -> TrainingArguments:
         train_sampling_strategy="group_by_length" if (t.group_by_length and not run.packing) else "random",
         remove_unused_columns=False,
         ddp_find_unused_parameters=False,  # every trainable parameter is used in every forward pass
-        report_to="none",
+        report_to=list(t.report_to),  # transformers' own tracker integrations (train/trackers.py)
+        run_name=run.output_dir.resolve().name,
         dataloader_num_workers=0,
         deepspeed=str(resolve_deepspeed_config(t.deepspeed)) if t.deepspeed else None,
         **({"fsdp": True, "fsdp_config": str(resolve_shipped_json(t.fsdp_config, "train.fsdp_config"))}
@@ -180,12 +182,12 @@ def build_trainer(run: PreparedRun, args: TrainingArguments, options: TrainOptio
                               sample_order=options.sample_order, chunked_loss=not options.baseline,
                               warmup_ratio=t.warmup_ratio, on_nan=t.on_nan, save_total_limit=t.save_total_limit,
                               generation_eval=(run.tokenizer, run.template, run.eval_samples, t.eval_metrics,
-                                               t.eval_max_new_tokens) if run.eval_samples else None)
+                                               t.eval_max_new_tokens) if run.eval_samples else None, log=log)
     # One progress bar and no printed log dicts, whatever transformers chose (it picks PrinterCallback, which
     # prints raw dicts, when its logger is quieter than WARNING — as chattune sets it).
     trainer.pop_callback(PrinterCallback)
     trainer.pop_callback(ProgressCallback)
-    metrics = MetricsCallback(trainer.accounting, run.output_dir / outputs.METRICS_FILE)
+    metrics = MetricsCallback(run.output_dir / outputs.METRICS_FILE)
     trainer.add_callback(metrics)  # before the bar, which shows its latest tokens/s
     trainer.add_callback(QuietProgressCallback(metrics))  # (draws on rank 0 only)
     trainer.add_callback(NanGuardCallback(trainer.accounting, log))
