@@ -168,7 +168,7 @@ def test_a_seeded_request_is_not_starved_by_steady_traffic(model_dir):
                                           ({"frequency_penalty": -3}, "frequency_penalty"),
                                           ({"min_p": 1.5}, "min_p"),
                                           ({"response_format": {"type": "json_object"}}, "response_format"),
-                                          ({"logprobs": True}, "logprobs"),
+                                          ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
                                           ({"logit_bias": {"5": 10}}, "logit_bias"),
                                           ({"best_of": 2}, "best_of")])
 def test_parameters_it_cannot_honour_are_refused_by_name(model_dir, extra, param):

@@ -4,7 +4,7 @@ The `key=value` items: the KEYS below and `train`'s `model.*` keys (commands.MOD
 
 from chattune.commands import add_block_weights_option, add_decode_step_option, add_overrides
 
-HELP = "serve a model: OpenAI-compatible /v1/chat/completions and a web chat page at /"
+HELP = "serve a model: OpenAI-compatible /v1/chat/completions and /v1/completions, and a web chat page at /"
 
 # The run-config keys that change what `serve` does besides the model.* ones (the others are refused, never ignored).
 KEYS = {

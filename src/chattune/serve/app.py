@@ -1,5 +1,6 @@
-"""The FastAPI app: `/v1/chat/completions` (OpenAI-compatible, streaming or not), `/v1/models`, `/health`, and
-the web chat page at `/` (plain HTML/JS/CSS from serve/web, no build step, no CDN)."""
+"""The FastAPI app: `/v1/chat/completions` and `/v1/completions` (OpenAI-compatible, streaming or not, with
+logprobs), `/v1/models`, `/health`, and the web chat page at `/` (plain HTML/JS/CSS from serve/web, no build step,
+no CDN). Requests and responses are the typed models of serve/protocol.py."""
 
 from __future__ import annotations
 
@@ -15,10 +16,15 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
 from chattune.sampling import StopStrings, sampling_settings
-from chattune.serve.convert import ApiError, parse_params, to_conversation
+from chattune.serve.convert import PlainPrompt, chat_tools, plain_prompts, prompt_prefix, to_conversation
+from chattune.serve.logprobs import TokenText, answer_scores, chat_logprobs, completion_logprobs, offsets
+from chattune.serve.protocol import (ApiError, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
+                                     ChatCompletionRequest, ChatDelta, ChatMessage, Completion, CompletionChoice,
+                                     CompletionRequest, FunctionCall, ModelCard, ModelList, ToolCall, Usage, parse)
+from chattune.serve.stream import StreamText
 from chattune.serve.worker import Job, Worker
 
 WEB = Path(str(files("chattune") / "serve" / "web"))
@@ -79,6 +85,10 @@ def create_app(tuned, api_key: str | None = None, max_queue: int = 16, default_m
     name = model_name(tuned)
     ctx = context_length(tuned.model)
     app.state.worker = worker
+    tokenizer = tuned.tokenizer
+    texts = TokenText(tokenizer)
+    prefix = prompt_prefix(tokenizer)
+    vocab = tuned.model.get_input_embeddings().num_embeddings
 
     @app.exception_handler(ApiError)
     async def api_error(request, e: ApiError):
@@ -106,9 +116,8 @@ def create_app(tuned, api_key: str | None = None, max_queue: int = 16, default_m
     @app.get("/v1/models")
     async def models(request: Request):
         check_key(request)
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "chattune",
-                                            "template": tuned.info.get("template") or "auto",
-                                            "method": tuned.info.get("method")}]}
+        return respond(ModelList(data=[ModelCard(id=name, template=tuned.info.get("template") or "auto",
+                                                 method=tuned.info.get("method"))]))
 
     @app.get("/")
     async def page():
@@ -141,55 +150,125 @@ def create_app(tuned, api_key: str | None = None, max_queue: int = 16, default_m
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # (deep nesting: RecursionError)
             raise ApiError(400, "the request body is not valid JSON") from None
 
+    def check_model(asked: str | None) -> None:
+        if asked not in (None, name):
+            raise ApiError(404, f"model {asked!r} does not exist here; this server serves {name!r}", "model",
+                           "model_not_found", kind="not_found_error")
+
+    async def off_the_loop(fn, *args):
+        """Rendering and tokenizing a long prompt must not hold up the other requests' streams."""
+        return await asyncio.get_running_loop().run_in_executor(render_pool, fn, *args)
+
+    def budget(prompt_length: int, asked: int | None, param: str) -> int:
+        """The answer's token budget: the request's `max_tokens`, else the server's default, within the model's
+        context (0: an echoed prompt only)."""
+        if ctx is None:
+            return default_max_tokens if asked is None else asked
+        if prompt_length > ctx or (prompt_length == ctx and asked != 0):
+            raise ApiError(400, f"the prompt is {prompt_length} tokens; this model's context is {ctx} tokens", param,
+                           "context_length_exceeded")
+        if asked and prompt_length + asked > ctx:
+            raise ApiError(400, f"the prompt ({prompt_length} tokens) plus max_tokens ({asked}) exceeds this model's "
+                                f"context of {ctx} tokens", "max_tokens", "context_length_exceeded")
+        return min(default_max_tokens if asked is None else asked, ctx - prompt_length)
+
+    def settings(req):
+        return sampling_settings(getattr(tuned.model, "generation_config", None), req.temperature, req.top_p,
+                                 req.seed, req.min_p, req.presence_penalty, req.frequency_penalty)
+
+    def submit(jobs: list[Job]) -> None:
+        for i, job in enumerate(jobs):
+            try:
+                worker.submit(job)
+            except queue.Full:
+                for queued in jobs[:i]:  # a request is queued whole or not at all
+                    queued.cancel.set()
+                raise ApiError(503, f"the server is busy ({worker.max_queue} requests waiting); retry shortly",
+                               code="queue_full", kind="server_error", headers={"Retry-After": "1"}) from None
+
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         check_key(request)
-        body = await read_json(request)
-        params = parse_params(body)
-        if params.model not in (None, name):
-            raise ApiError(404, f"model {params.model!r} does not exist here; this server serves {name!r}", "model",
-                           "model_not_found", kind="not_found_error")
-        conv = to_conversation(body.get("messages") if isinstance(body, dict) else None, params.tools)
-        try:  # rendering and tokenizing a long conversation must not hold up the other requests' streams
-            prompt = await asyncio.get_running_loop().run_in_executor(render_pool, tuned.prompt_ids, conv)
+        req = parse(ChatCompletionRequest, await read_json(request))
+        check_model(req.model)
+        tools = chat_tools(req)
+        conv = to_conversation(req.messages, tools)
+        try:
+            prompt = await off_the_loop(tuned.prompt_ids, conv)
         except Exception as e:  # noqa: BLE001 - a template that cannot render this conversation
             raise ApiError(400, f"these messages cannot be rendered with the model's template: {e}", "messages") from None
-        max_tokens = params.max_tokens or default_max_tokens
-        if ctx is not None:
-            if len(prompt) >= ctx:
-                raise ApiError(400, f"the prompt is {len(prompt)} tokens; this model's context is {ctx} tokens",
-                               "messages", "context_length_exceeded")
-            if params.max_tokens and len(prompt) + params.max_tokens > ctx:
-                raise ApiError(400, f"the prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
-                                    f"this model's context of {ctx} tokens", "max_tokens", "context_length_exceeded")
-            max_tokens = min(max_tokens, ctx - len(prompt))
-        sampling = sampling_settings(getattr(tuned.model, "generation_config", None), params.temperature,
-                                     params.top_p, params.seed, params.min_p, params.presence_penalty,
-                                     params.frequency_penalty)
-        job = Job(prompt, max_tokens, sampling, params.stop, asyncio.get_running_loop())
-        try:
-            worker.submit(job)
-        except queue.Full:
-            raise ApiError(503, f"the server is busy ({worker.max_queue} requests waiting); retry shortly",
-                           code="queue_full", kind="server_error", headers={"Retry-After": "1"}) from None
+        job = Job(prompt, budget(len(prompt), req.answer_tokens, "messages"), settings(req), req.stops,
+                  asyncio.get_running_loop(), logprobs=req.logprob_alternatives)
+        submit([job])
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        if params.stream:
-            return StreamingResponse(_stream(job, rid, created, params), media_type="text/event-stream",
+        if req.stream:
+            return StreamingResponse(_chat_stream(job, rid, created, req, tools), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        return JSONResponse(await _complete(job, request, rid, created, params))
+        (value,) = await _results([job], request)
+        return respond(chat_completion(value, rid, created, req, tools))
 
-    def finish(result: dict, params, text: str, stopped_by_string: bool) -> tuple[str, list[dict], str]:
-        content, calls = (tuned.template.parse_assistant(text) if params.tools else (text, []))
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        check_key(request)
+        req = parse(CompletionRequest, await read_json(request))
+        check_model(req.model)
+        if len(req.prompts) > worker.max_queue:
+            raise ApiError(400, f"{len(req.prompts)} prompts in one request; this server queues at most "
+                                f"{worker.max_queue} (--max-queue)", "prompt")
+        try:
+            prompts = await off_the_loop(plain_prompts, req.prompts, tokenizer, prefix, vocab)
+        except ApiError:
+            raise
+        except Exception as e:  # noqa: BLE001 - text this tokenizer cannot encode
+            raise ApiError(400, f"the prompt cannot be tokenized: {e}", "prompt") from None
+        loop = asyncio.get_running_loop()
+        jobs = [Job(p.ids, budget(len(p.ids), req.max_tokens, "prompt"), settings(req), req.stops, loop,
+                    logprobs=req.logprobs, prompt_logprobs=req.logprobs if req.echo else None) for p in prompts]
+        submit(jobs)
+        rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if req.stream:
+            return StreamingResponse(_completion_stream(jobs[0], prompts[0], rid, created, req),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        results = await _results(jobs, request)
+        return respond(Completion(id=rid, created=created, model=name,
+                                  choices=[completion_choice(i, p, r, req) for i, (p, r) in
+                                           enumerate(zip(prompts, results))],
+                                  usage=usage(*results)))
+
+    def finish(result: dict, tools, text: str, stopped_by_string: bool) -> tuple[str, list[ToolCall], str]:
+        content, calls = (tuned.template.parse_assistant(text) if tools else (text, []))
         if calls:
-            tool_calls = [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                           "function": {"name": c["name"], "arguments": c["arguments"] if isinstance(c["arguments"], str)
-                                        else json.dumps(c["arguments"], ensure_ascii=False)}} for c in calls]
-            return content, tool_calls, "tool_calls"
+            return content, [ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCall(
+                name=c["name"], arguments=c["arguments"] if isinstance(c["arguments"], str)
+                else json.dumps(c["arguments"], ensure_ascii=False))) for c in calls], "tool_calls"
         return content, [], "stop" if (result["stopped"] or stopped_by_string) else "length"
 
-    def usage(result: dict) -> dict:
-        return {"prompt_tokens": result["prompt_tokens"], "completion_tokens": result["completion_tokens"],
-                "total_tokens": result["prompt_tokens"] + result["completion_tokens"]}
+    def usage(*results: dict) -> Usage:
+        prompt, answer = sum(r["prompt_tokens"] for r in results), sum(r["completion_tokens"] for r in results)
+        return Usage(prompt_tokens=prompt, completion_tokens=answer, total_tokens=prompt + answer)
+
+    def chat_completion(value: dict, rid: str, created: int, req: ChatCompletionRequest, tools) -> ChatCompletion:
+        text, by_string = StopStrings(req.stops).cut(value["text"])
+        content, calls, reason = finish(value, tools, text, by_string)
+        message = ChatMessage(content=content if content or not calls else None, tool_calls=calls or None)
+        logprobs = None
+        if req.logprobs:
+            logprobs = chat_logprobs(texts, answer_scores(tokenizer, value, len(text), by_string)[0])
+        return ChatCompletion(id=rid, created=created, model=name, usage=usage(value),
+                              choices=[ChatChoice(message=message, finish_reason=reason, logprobs=logprobs)])
+
+    def completion_choice(index: int, prompt: PlainPrompt, value: dict, req: CompletionRequest) -> CompletionChoice:
+        text, by_string = StopStrings(req.stops).cut(value["text"])
+        echo = prompt.text if req.echo else ""
+        logprobs = None
+        if req.logprobs is not None:
+            scores, starts = answer_scores(tokenizer, value, len(text), by_string)
+            if req.echo:
+                scores = value["prompt_logprobs"] + scores
+                starts = offsets(tokenizer, prompt.ids, prompt.skip_special) + [len(echo) + s for s in starts]
+            logprobs = completion_logprobs(texts, scores, starts)
+        return CompletionChoice(index=index, text=echo + text, logprobs=logprobs,
+                                finish_reason="stop" if value["stopped"] or by_string else "length")
 
     async def _wait(job: Job):
         kind, value = await job.events.get()
@@ -197,65 +276,109 @@ def create_app(tuned, api_key: str | None = None, max_queue: int = 16, default_m
             raise ApiError(500, f"generation failed: {value}", kind="server_error")
         return kind, value
 
-    async def _complete(job: Job, request: Request, rid: str, created: int, params) -> dict:
-        async def watch():  # a client that goes away cancels its generation
-            while not job.cancel.is_set():
+    async def _results(jobs: list[Job], request: Request) -> list[dict]:
+        """Each job's final result; a client that goes away cancels its generations."""
+        async def watch():
+            while not all(job.cancel.is_set() for job in jobs):
                 if await request.is_disconnected():
-                    job.cancel.set()
-                    return
+                    break
                 await asyncio.sleep(0.1)
+            for job in jobs:
+                job.cancel.set()
+
+        async def done(job: Job) -> dict:
+            while True:
+                kind, value = await _wait(job)
+                if kind == "done":
+                    return value
 
         watcher = asyncio.create_task(watch())
         try:
-            while True:
-                kind, value = await _wait(job)
-                if kind == "done":
-                    break
+            return [await done(job) for job in jobs]
+        except BaseException:
+            for job in jobs:  # one prompt failed: the others' answers are not wanted any more
+                job.cancel.set()
+            raise
         finally:
             watcher.cancel()
-        text, by_string = StopStrings(params.stop).cut(value["text"])
-        content, calls, reason = finish(value, params, text, by_string)
-        message = {"role": "assistant", "content": content if content or not calls else None}
-        if calls:
-            message["tool_calls"] = calls
-        return {"id": rid, "object": "chat.completion", "created": created, "model": name,
-                "choices": [{"index": 0, "message": message, "finish_reason": reason}], "usage": usage(value)}
 
-    async def _stream(job: Job, rid: str, created: int, params):
-        def chunk(delta: dict, reason=None, extra=None) -> str:
-            data = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": reason}], **(extra or {})}
-            return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+    def sse(data) -> str:
+        return f"data: {data.model_dump_json()}\n\n"
 
-        stops = StopStrings(params.stop)
-        sent = ""  # text already sent; with stop strings the tail that could start one is held back
-        hold = max(stops.longest - 1, 0)
+    async def _chat_stream(job: Job, rid: str, created: int, req: ChatCompletionRequest, tools):
+        def chunk(delta: ChatDelta, reason=None, end: Usage | None = None, scores=()) -> str:
+            logprobs = chat_logprobs(texts, [s for s, _ in scores]) if scores else None
+            return sse(ChatCompletionChunk(id=rid, created=created, model=name, usage=end, choices=[
+                ChatChunkChoice(delta=delta, finish_reason=reason, logprobs=logprobs)]))
+
+        feed = StreamText(req.stops, tokenizer, req.logprobs)
         try:
-            yield chunk({"role": "assistant", "content": ""})
-            buffered = ""
+            yield chunk(ChatDelta(role="assistant", content=""))
             while True:
                 kind, value = await _wait(job)
                 if kind == "done":
                     break
-                buffered += value
-                if params.tools:  # a tool call is only known at the end: send everything then
+                feed.add(kind, value)
+                if tools:  # a tool call is only known at the end: send everything then
                     continue
-                text, cut = stops.cut(buffered)
-                ready = text if cut else text[: max(len(sent), len(text) - hold)]
-                if len(ready) > len(sent):
-                    yield chunk({"content": ready[len(sent):]})
-                    sent = ready
-            text, by_string = stops.cut(value["text"])
-            content, calls, reason = finish(value, params, text, by_string)
+                delta, scores = feed.ready()
+                if delta:
+                    yield chunk(ChatDelta(content=delta), scores=scores)
+            text, by_string = feed.stops.cut(value["text"])
+            content, calls, reason = finish(value, tools, text, by_string)
+            scores = feed.finish(value, text, by_string)
             if calls:
                 if content:
-                    yield chunk({"content": content})
-                yield chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]})
-            elif content[len(sent):]:
-                yield chunk({"content": content[len(sent):]})
-            yield chunk({}, reason, {"usage": usage(value)})
+                    yield chunk(ChatDelta(content=content), scores=scores)
+                    scores = []
+                yield chunk(ChatDelta(tool_calls=[c.model_copy(update={"index": i}) for i, c in enumerate(calls)]),
+                            scores=scores)
+            elif content[len(feed.sent):] or scores:
+                yield chunk(ChatDelta(content=content[len(feed.sent):]), scores=scores)
+            yield chunk(ChatDelta(), reason, usage(value))
             yield "data: [DONE]\n\n"
         finally:
             job.cancel.set()  # a disconnect (or the end) stops the generation at the next token
 
+    async def _completion_stream(job: Job, prompt: PlainPrompt, rid: str, created: int, req: CompletionRequest):
+        echo = prompt.text if req.echo else ""
+
+        def chunk(text: str, scores=(), starts=(), reason=None, end: Usage | None = None) -> str:
+            wanted = req.logprobs is not None and reason is None  # (the last chunk carries no tokens)
+            logprobs = completion_logprobs(texts, list(scores), list(starts)) if wanted else None
+            return sse(Completion(id=rid, created=created, model=name, usage=end, choices=[
+                CompletionChoice(index=0, text=text, logprobs=logprobs, finish_reason=reason)]))
+
+        def answer(pairs) -> tuple[list, list[int]]:
+            return [s for s, _ in pairs], [len(echo) + start for _, start in pairs]
+
+        feed = StreamText(req.stops, tokenizer, req.logprobs is not None)
+        try:
+            if echo and req.logprobs is None:
+                yield chunk(echo)
+            while True:
+                kind, value = await _wait(job)
+                if kind == "done":
+                    break
+                if kind == "prompt" and echo:  # the echoed prompt goes first, with its tokens' logprobs
+                    yield chunk(echo, value, offsets(tokenizer, prompt.ids, prompt.skip_special))
+                    continue
+                feed.add(kind, value)
+                delta, pairs = feed.ready()
+                if delta:
+                    yield chunk(delta, *answer(pairs))
+            text, by_string = feed.stops.cut(value["text"])
+            pairs = feed.finish(value, text, by_string)
+            if text[len(feed.sent):] or pairs:
+                yield chunk(text[len(feed.sent):], *answer(pairs))
+            yield chunk("", reason="stop" if value["stopped"] or by_string else "length", end=usage(value))
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancel.set()
+
     return app
+
+
+def respond(model) -> Response:
+    """A response model as JSON (pydantic writes it: -inf-free floats, UTF-8 text)."""
+    return Response(model.model_dump_json(), media_type="application/json")

@@ -1,134 +1,65 @@
-"""OpenAI chat requests <-> chattune conversations, with errors in the OpenAI shape.
+"""OpenAI requests -> what the worker runs: chat messages -> a chattune Conversation, completion prompts -> token ids.
 
-Requests are checked here, at the edge, so the worker gets a Conversation it can trust: roles (system only
-first; user; assistant, possibly with `tool_calls`; `tool`/`function` results become chattune's `observation`),
-content as a string or a list of text parts, tools in the OpenAI `{"type": "function", "function": {...}}` form.
+The request's fields are typed and checked in serve/protocol.py; the messages are checked here, message by message,
+so the worker gets a Conversation it can trust: roles (system only first; user; assistant, possibly with
+`tool_calls`; `tool`/`function` results become chattune's `observation`), content as a string or a list of text
+parts, tools in the OpenAI `{"type": "function", "function": {...}}` form.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from typing import Any
 
+from chattune.data.encode import text_ids
 from chattune.data.formats import Conversation, Message
-
-
-class ApiError(Exception):
-    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error", headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+from chattune.serve.protocol import ApiError
 
 
 @dataclass
-class Params:
-    stream: bool
-    temperature: float
-    top_p: float
-    max_tokens: int | None
-    stop: list[str]
-    seed: int | None
-    tools: list[dict] | None
-    model: str | None
-    min_p: float | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+class PlainPrompt:
+    """A /v1/completions prompt: its token ids, the text `echo` returns, and how that text was decoded."""
+    ids: list[int]
+    text: str
+    skip_special: bool  # text given as text: tokens the server added (a BOS) count no characters
 
 
-def _number(body: dict, key: str, kind, low=None, high=None, default=None):
-    value = body.get(key, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or \
-            (isinstance(value, float) and not math.isfinite(value)):
-        raise ApiError(400, f"`{key}` must be {'a number' if kind is float else 'an integer'}, got {value!r}", key)
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise ApiError(400, f"`{key}` must be between {low} and {high}, got {value}", key)
-    return kind(value)
+def prompt_prefix(tokenizer) -> list[int]:
+    """The tokens a tokenizer puts before any text by default (`tokenizer(text)`): Llama's and Mistral's BOS,
+    ChatGLM's `[gMASK]sop`; none for Qwen or SmolLM2. A text prompt gets them, as the model saw text in training."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for at in range(len(full) - len(plain) + 1):
+        if full[at:at + len(plain)] == plain:
+            return full[:at]
+    return []
 
 
-# Request fields this server reads. Every other field is refused by name (400), never silently ignored.
-HONOURED = {"messages", "model", "stream", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop",
-            "seed", "tools", "tool_choice", "n", "user", "stream_options", "presence_penalty", "frequency_penalty",
-            "min_p", "logit_bias", "logprobs", "top_logprobs", "response_format", "parallel_tool_calls"}
-# OpenAI fields accepted only at the value that asks for nothing this server would have to do
-NEUTRAL = {"logit_bias": ({},), "logprobs": (False,), "top_logprobs": (0,), "parallel_tool_calls": (True,)}
+def plain_prompts(prompts: list[str | list[int]], tokenizer, prefix: list[int], vocab: int) -> list[PlainPrompt]:
+    """Completion prompts as token ids. Text is raw text (no chat template): special-token strings in it stay
+    text (data/encode.py `text_ids`), after the tokenizer's usual leading tokens (`prompt_prefix`). Token ids are
+    taken as given, checked against the model's vocabulary."""
+    out = []
+    texts = [p for p in prompts if isinstance(p, str)]
+    encoded = iter(text_ids(tokenizer, texts) if texts else [])
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            out.append(PlainPrompt(prefix + next(encoded), p, True))
+            continue
+        bad = next((t for t in p if not 0 <= t < vocab), None)
+        if bad is not None:
+            where = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+            raise ApiError(400, f"`{where}`: token id {bad} is not in this model's vocabulary (0..{vocab - 1})",
+                           where)
+        out.append(PlainPrompt(list(p), tokenizer.decode(p, skip_special_tokens=False), False))
+    return out
 
 
-def _refuse_unsupported(body: dict) -> None:
-    unknown = sorted(k for k in body if k not in HONOURED)
-    if unknown:
-        raise ApiError(400, f"unsupported parameter `{unknown[0]}`: this server does not implement it (it reads "
-                            f"{', '.join(sorted(HONOURED - {'user'}))})", unknown[0], "unsupported_parameter")
-    for key, allowed in NEUTRAL.items():
-        value = body.get(key)
-        if value is not None and not (value in allowed and type(value) in {type(a) for a in allowed}):
-            raise ApiError(400, f"`{key}`={value!r} is not supported by this server (only {allowed[0]!r})", key,
-                           "unsupported_parameter")
-    fmt = body.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        raise ApiError(400, f"`response_format`={fmt!r} is not supported: this server answers in text only "
-                            '(`{"type": "text"}`)', "response_format", "unsupported_parameter")
-    options = body.get("stream_options")
-    if options is not None and (not isinstance(options, dict) or set(options) - {"include_usage"}):
-        raise ApiError(400, "`stream_options` takes only `include_usage` here (the last chunk carries usage)",
-                       "stream_options", "unsupported_parameter")
-    user = body.get("user")
-    if user is not None and not isinstance(user, str):
-        raise ApiError(400, "`user` must be a string", "user")
-
-
-def _tool_choice(body: dict, tools: list[dict] | None) -> list[dict] | None:
-    """`auto` (the default) offers the tools; `none` answers without them; forcing a call is not supported."""
-    choice = body.get("tool_choice")
-    if choice in (None, "auto"):
-        return tools
-    if choice == "none":
-        return None
-    raise ApiError(400, f"`tool_choice`={choice!r} is not supported: this server can offer tools (`auto`) or not "
-                        "(`none`), not force a call", "tool_choice", "unsupported_parameter")
-
-
-def parse_params(body: Any) -> Params:
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    _refuse_unsupported(body)
-    n = body.get("n", 1)
-    if n not in (1, None):
-        raise ApiError(400, f"`n`={n!r} is not supported: this server returns one choice per request", "n",
-                       "unsupported_parameter")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise ApiError(400, f"`stream` must be true or false, got {stream!r}", "stream")
-    stop = body.get("stop")
-    if stop is None:
-        stops = []
-    elif isinstance(stop, str):
-        stops = [stop]
-    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= 4:
-        stops = stop
-    else:
-        raise ApiError(400, "`stop` must be a string or a list of at most 4 strings", "stop")
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise ApiError(400, "`model` must be a string", "model")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    return Params(stream=stream, temperature=_number(body, "temperature", float, 0, 2, 1.0),
-                  top_p=_number(body, "top_p", float, 0, 1, 1.0),
-                  max_tokens=_number({"max_tokens": max_tokens}, "max_tokens", int, 1, None),
-                  stop=[s for s in stops if s], seed=_number(body, "seed", int),
-                  tools=_tool_choice(body, parse_tools(body.get("tools"))), model=model,
-                  min_p=_number(body, "min_p", float, 0, 1),
-                  presence_penalty=_number(body, "presence_penalty", float, -2, 2, 0.0),
-                  frequency_penalty=_number(body, "frequency_penalty", float, -2, 2, 0.0))
+def chat_tools(req) -> list[dict] | None:
+    """The request's tools as the template takes them; `tool_choice: none` answers without them."""
+    tools = parse_tools(req.tools)
+    return None if req.tool_choice == "none" else tools
 
 
 def parse_tools(tools: Any) -> list[dict] | None:

@@ -16,7 +16,8 @@ peft injects as its own cache, or remote-code models with caches of their own).
 
 Prefill runs through the model's forward; decode steps through it too, or through chattune's own decode step
 (models/decode_step.py, `Batch.step(..., decode)`) where `step_matches_transformers` finds its logits equal to
-the forward's on the loaded model.
+the forward's on the loaded model. `prompt_scores` scores a prompt's own tokens (an echoed completion prompt's
+logprobs, serve/logprobs.py) through the model's forward, a chunk of the prompt at a time.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from chattune.evaluate.generate import left_pad
 from chattune.models.checks import model_dtype, same_logits
 from chattune.models.decode_step import PROBE, base_model
 from chattune.sampling import SamplingSettings, choose_token
+from chattune.serve.logprobs import TokenScore, distribution, scores_for
 
 
 def _cache_argument(model) -> str:
@@ -124,6 +126,37 @@ class Batch:
         return logits
 
 
+def _prompt_learning(model) -> bool:
+    config = getattr(model, "active_peft_config", None)
+    return config is not None and bool(getattr(config, "is_prompt_learning", False))
+
+
+@torch.inference_mode()
+def prompt_scores(model, ids: list[int], top: int, chunk: int = 512) -> list[TokenScore]:
+    """The logprob of each prompt token given the ones before it (the first has none) and the `top` most likely
+    tokens at each position: what an echoed prompt's `logprobs` report. The prompt goes through the model's
+    forward `chunk` tokens at a time over a growing cache, so the logits held at once are [chunk, V], not the whole
+    prompt's (a 4k-token prompt's would be 800 MB on a 49k vocabulary). P-tuning v2 (peft feeds its prefix as the
+    cache) takes the prompt in one forward."""
+    device = next(model.parameters()).device
+    out = [TokenScore(ids[0], None)]
+    whole = _prompt_learning(model)
+    cache = None if whole else DynamicCache()
+    size = len(ids) if whole else chunk
+    for start in range(0, len(ids) - 1, size):
+        piece = ids[start:min(start + size, len(ids) - 1)]  # the last token predicts nothing in the prompt
+        x = torch.tensor([piece], device=device)
+        if cache is None:
+            logits = model(input_ids=x, attention_mask=torch.ones_like(x)).logits[0, -len(piece):]  # past any prefix
+        else:
+            mask = torch.ones((1, start + len(piece)), dtype=torch.long, device=device)
+            positions = torch.arange(start, start + len(piece), device=device).unsqueeze(0)
+            logits = model(input_ids=x, attention_mask=mask, position_ids=positions, use_cache=True,
+                           **{_cache_argument(model): cache}).logits[0]
+        out += scores_for(distribution(logits), ids[start + 1:start + 1 + len(piece)], top)
+    return out
+
+
 class Sampling:
     """One request's sampling in the batch: its settings (chattune.sampling: the same rules and transformers'
     processors as `generate`), built once per request, and its own random generator when it is seeded."""
@@ -185,8 +218,7 @@ def batching_is_exact(model, pad_id: int, steps: int = 3, decode=None) -> bool:
     give the logits each gives alone (`same_logits`: the same argmax, within the rounding of the model's dtype) —
     with a row joining a running batch and staying on after the other leaves. Checked once per loaded model, with
     the decode step it will use; False for anything the engine cannot drive."""
-    config = getattr(model, "active_peft_config", None)
-    if config is not None and getattr(config, "is_prompt_learning", False):
+    if _prompt_learning(model):
         return False  # P-tuning v2: peft supplies the prefix as the model's cache on every forward
     first, second = PROBE
     try:

@@ -10,6 +10,11 @@ settings, stop rules and length; newcomers join a running batch). That is used o
 check finds batched logits equal to one-at-a-time ones on the loaded model; otherwise, and with `max_batch=1`,
 requests run one at a time through transformers' `generate`. A request that samples with a `seed` runs alone,
 so the same request and seed give the same answer whatever else is being served.
+
+A job may ask for logprobs (serve/logprobs.py): of its answer's tokens (`logprobs`: how many alternatives each
+lists), computed from the logits each token is chosen from, batched or alone; and of its prompt's tokens
+(`prompt_logprobs`, for an echoed completion prompt), from one more pass over the prompt before it decodes. A job
+with `max_new_tokens` 0 is answered after that pass, without decoding.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 from chattune.models.decode_step import DecodeStep, install_for_generate, why_not
 from chattune.sampling import SamplingSettings, StopStrings
-from chattune.serve.engine import Batch, Sampling, batching_is_exact, prefill, step_matches_transformers
+from chattune.serve.engine import (Batch, Sampling, batching_is_exact, prefill, prompt_scores,
+                                   step_matches_transformers)
+from chattune.serve.logprobs import TokenScore, distribution, scores_for
 
 
 @dataclass
@@ -37,6 +44,9 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
+    logprobs: int | None = None  # None: no logprobs for the answer; N: each token with its N most likely alternatives
+    prompt_logprobs: int | None = None  # likewise for the prompt's tokens (an echoed completion prompt)
+    prompt_scores: list[TokenScore] | None = None  # set by the worker where prompt_logprobs asks for them
 
     def emit(self, kind: str, value) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
@@ -51,9 +61,10 @@ class Job:
         """Answer a job cancelled while it waited, without running it: its handler (if still there) returns."""
         self.emit("done", self.result([], "", False))
 
-    def result(self, new: list[int], text: str, hit_stop: bool) -> dict:
+    def result(self, new: list[int], text: str, hit_stop: bool, scores: list[TokenScore] | None = None) -> dict:
         return {"text": text, "completion_tokens": len(new), "prompt_tokens": len(self.prompt_ids),
-                "stopped": hit_stop or len(new) < self.max_new_tokens, "cancelled": self.cancel.is_set()}
+                "stopped": hit_stop or len(new) < self.max_new_tokens, "cancelled": self.cancel.is_set(),
+                "tokens": new, "logprobs": scores, "prompt_logprobs": self.prompt_scores}
 
 
 class _Cancelled(StoppingCriteria):
@@ -86,6 +97,7 @@ class _Row:
         self.streamer = _Pieces(tokenizer, job)
         self.streamer.put(torch.tensor(job.prompt_ids))  # the prompt, which the streamer skips
         self.new: list[int] = []
+        self.scores: list[TokenScore] | None = [] if job.logprobs is not None else None
         self.result: dict | None = None
         self.error: BaseException | None = None  # this row's own failure (the others go on)
 
@@ -112,14 +124,18 @@ class _Row:
         """Choose the next token from this row's logits [V]; set `result` when the answer is complete."""
         # (the tokens seen so far only matter to the penalties: no list is built per token otherwise)
         seen = self.job.prompt_ids + self.new if self.sampling.needs_history else []
+        raw = distribution(logits) if self.scores is not None else None  # before any processor sees the logits
         token = self.sampling.choose(logits, seen)
         self.new.append(token)
+        if raw is not None:
+            self.scores.append(scores_for(raw.unsqueeze(0), [token], self.job.logprobs)[0])
+            self.job.emit("logprob", self.scores[-1])  # before the token's text, which a stream sends with it
         self.streamer.put(torch.tensor([token]))
         hit_stop = token in self.stop_ids or (bool(self.stops) and self._stop_string_ended())
         if hit_stop or len(self.new) >= self.job.max_new_tokens or self.job.cancel.is_set():
             self.streamer.end()
             self.result = self.job.result(self.new, self.tokenizer.decode(self.new, skip_special_tokens=True),
-                                          hit_stop)
+                                          hit_stop, self.scores)
 
     def _stop_string_ended(self) -> bool:
         """Did the newest token complete a stop string? Only the last tokens are decoded: a stop string of n
@@ -231,7 +247,8 @@ class Worker:
             try:
                 if newcomers:
                     self.busy.set()
-                    for group, logits, fresh in self._prefill(model, newcomers, pad_id):
+                    newcomers = self._score_prompts(newcomers)
+                    for group, logits, fresh in (self._prefill(model, newcomers, pad_id) if newcomers else []):
                         if batch is None:
                             batch = fresh
                         else:
@@ -266,6 +283,24 @@ class Worker:
                 rows, batch = [], None
                 self.busy.clear()
 
+    def _score_prompts(self, jobs: list[Job]) -> list[Job]:
+        """Score the prompts of the jobs that ask for it; returns the jobs still to decode (a job with
+        max_new_tokens 0 is answered here; one whose scoring fails gets its error)."""
+        going = []
+        for job in jobs:
+            try:
+                if job.prompt_logprobs is not None:
+                    job.prompt_scores = prompt_scores(self.tuned.model, job.prompt_ids, job.prompt_logprobs)
+                    job.emit("prompt", job.prompt_scores)  # a stream sends the echoed prompt with them first
+                if job.max_new_tokens == 0:
+                    job.emit("done", job.result([], "", False))
+                    continue
+            except Exception as e:  # noqa: BLE001 - this request fails, the others go on
+                job.emit("error", e)
+                continue
+            going.append(job)
+        return going
+
     def _prefill(self, model, jobs: list[Job], pad_id: int) -> list[tuple[list[Job], torch.Tensor, Batch]]:
         """Prefill `jobs` together; when that fails (e.g. out of memory on a long prompt), each on its own, so
         only the prompt that cannot be prefilled fails (its request gets the error)."""
@@ -286,6 +321,8 @@ class Worker:
                 continue
             self.busy.set()
             try:
+                if not self._score_prompts([job]):
+                    continue
                 job.emit("done", self._generate(job))
             except Exception as e:  # noqa: BLE001 - reported to the request, the worker lives on
                 job.emit("error", e)
@@ -305,7 +342,14 @@ class Worker:
         if not job.sampling.greedy and job.sampling.seed is not None:
             torch.manual_seed(job.sampling.seed)
         kwargs.update(job.sampling.generate_kwargs(), logits_processor=job.sampling.answer_processors(ids.shape[1]))
+        if job.logprobs is not None:  # the raw logits of each step (`output_logits`; `output_scores` are processed)
+            kwargs.update(output_logits=True, return_dict_in_generate=True)
         with torch.no_grad():
             out = t.model.generate(**kwargs)
-        new = out[0, ids.shape[1]:].tolist()
-        return job.result(new, t.tokenizer.decode(new, skip_special_tokens=True), bool(new) and new[-1] in stop_ids)
+        sequences = out.sequences if job.logprobs is not None else out
+        new = sequences[0, ids.shape[1]:].tolist()
+        scores = None
+        if job.logprobs is not None:
+            scores = scores_for(distribution(torch.cat(out.logits[:len(new)])), new, job.logprobs) if new else []
+        return job.result(new, t.tokenizer.decode(new, skip_special_tokens=True), bool(new) and new[-1] in stop_ids,
+                          scores)
