@@ -12,6 +12,7 @@ import torch
 
 from chattune.cli import build_parser, main
 from chattune.commands import serve as serve_command
+from chattune.hardware import resolve_precision, torch_dtype
 from tiny import make_tiny_llama, write_jsonl
 
 # Encoded with the tiny model's own (jinja, "You are tiny.") template: 52, 68 and 108 tokens.
@@ -132,7 +133,8 @@ def test_eval_template_and_system_overrides_change_the_prompt(tiny, tmp_path):
 def test_eval_precision_override_loads_the_model_in_that_dtype(tiny, tmp_path):
     _, model, data = tiny
     args = ["--model", str(model), "--data", str(data), "--metrics", "loss"]
-    assert _eval(args, tmp_path / "a")["precision"] == "fp32"  # the default, as before
+    # the default, --dtype auto: a plain model runs in what training would choose on this CPU (hardware.py)
+    assert _eval(args, tmp_path / "a")["precision"] == resolve_precision("auto", "cpu")
     assert _eval([*args, "train.precision=bf16"], tmp_path / "b")["precision"] == "bf16"
 
 
@@ -143,7 +145,8 @@ def test_serve_overrides_reach_the_loaded_model(run, tiny):
         return serve_command.load(build_parser().parse_args(["serve", *argv]), log=lambda m: None)
 
     plain = load("--model", str(model))
-    assert plain.template.name == "auto" and next(plain.model.parameters()).dtype == torch.float32
+    assert plain.template.name == "auto"
+    assert next(plain.model.parameters()).dtype == torch_dtype(resolve_precision("auto", "cpu"))  # --dtype auto
     tuned = load("--adapter", str(run), "template=chatml", "train.precision=bf16")
     assert tuned.template.name == "chatml" and next(tuned.model.parameters()).dtype == torch.bfloat16
     assert load("--model", str(model), "--template", "chatml").template.name == "chatml"  # the old flag

@@ -6,7 +6,7 @@ The compare config (see configs/compare_spo.yaml):
     max_tokens: N | null        (only records of at most N tokens, rendered with the run's model and template)
     records: N | null           (only the first N records of train_data that are kept, before the split)
     output_dir: DIR             shared: {run-config keys for every variant}
-    eval: {metrics, max_new_tokens, batch_size, limit}
+    eval: {metrics, max_new_tokens, batch_size, limit, device, dtype}   (device/dtype: `chattune eval --device/--dtype`)
     variants: [{name, overrides: {run-config keys} | [key=value, ...]}, ...]
 Command-line `key=value` arguments set a compare key when they name one (`output_dir=X`, `train_data=F`,
 `eval.batch_size=4`, `shared.train.lr=1e-4`, ...), otherwise a run-config key applied to every variant (after shared
@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import yaml
 from pydantic import Field, field_validator
@@ -47,11 +47,23 @@ class EvalSettings(Section):
     max_new_tokens: int = Field(256, ge=1)
     batch_size: int = Field(8, ge=1)
     limit: int | None = Field(None, ge=1)
+    device: str = Field("auto", description="`chattune eval --device`: auto, cpu, cuda, cuda:N")
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="`chattune eval --dtype`")
 
     @field_validator("metrics", mode="before")
     @classmethod
     def _split(cls, v: Any) -> Any:
         return [n.strip() for n in v.split(",") if n.strip()] if isinstance(v, str) else v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        from chattune.hardware import parse_device
+
+        try:
+            return parse_device(v)
+        except ConfigError:
+            raise ValueError("give auto, cpu, cuda or cuda:N") from None
 
 
 class Variant(Section):
@@ -104,7 +116,7 @@ DECIDED_RUN_KEYS = {
 
 
 COMPARE_KEYS = ("train_data", "test_data", "test_split", "max_tokens", "records", "output_dir", "eval.metrics",
-                "eval.max_new_tokens", "eval.batch_size", "eval.limit", "shared.KEY")
+                "eval.max_new_tokens", "eval.batch_size", "eval.limit", "eval.device", "eval.dtype", "shared.KEY")
 
 
 def split_cli(cli: list[str]) -> tuple[list[str], list[str]]:
@@ -226,9 +238,18 @@ def train_variant(overrides: list[str], run_dir: Path, log) -> str:
 
 
 def eval_variant(spec: CompareSpec, run_dir: Path, test_file: Path, log) -> dict:
+    """The variant's metrics.json: `chattune eval` in a subprocess with the compare's eval settings (eval.device and
+    eval.dtype as --device/--dtype), or the one already there where it was written after the run finished, with the
+    same settings, on the device and dtype that eval.device/eval.dtype decide now."""
+    from chattune.hardware import decide_device_and_dtype
+    from chattune.inference import recorded_hardware
+
     out = run_dir / "eval-compare"
     e = spec.eval
-    settings = {"data": str(test_file), "batch_size": e.batch_size, "max_new_tokens": e.max_new_tokens}
+    device, precision, _ = decide_device_and_dtype(e.device, e.dtype, recorded_hardware(str(run_dir)),
+                                                   asked_by="eval.dtype")
+    settings = {"data": str(test_file), "batch_size": e.batch_size, "max_new_tokens": e.max_new_tokens,
+                "device": device, "precision": precision}
     metrics_file = out / "metrics.json"
     if metrics_file.is_file() and (run_dir / outputs.RUN_FILE).is_file() and \
             metrics_file.stat().st_mtime >= (run_dir / outputs.RUN_FILE).stat().st_mtime:
@@ -239,7 +260,7 @@ def eval_variant(spec: CompareSpec, run_dir: Path, test_file: Path, log) -> dict
             return old
     _chattune(["eval", "--adapter", str(run_dir), "--data", str(test_file), "--metrics", ",".join(e.metrics),
                "--batch-size", str(e.batch_size), "--max-new-tokens", str(e.max_new_tokens), "--out", str(out),
-               *(["--limit", str(e.limit)] if e.limit else [])], log)
+               "--device", e.device, "--dtype", e.dtype, *(["--limit", str(e.limit)] if e.limit else [])], log)
     return json.loads(metrics_file.read_text())
 
 
@@ -263,7 +284,8 @@ def compare(path: str, cli: list[str], log=print) -> dict:
         row = {"variant": variant.name, "method": run["method"], "trainable_params": run["trainable_params"],
                "trainable_percent": round(run["trainable_percent"], 4),
                "peak_train_memory_mb": run["peak_memory_mb"], "train_seconds": run["train_seconds"],
-               "tokens_per_s": run["tokens_per_s"], "peak_inference_memory_mb": metrics.get("peak_memory_mb")}
+               "tokens_per_s": run["tokens_per_s"], "peak_inference_memory_mb": metrics.get("peak_memory_mb"),
+               "inference_device": metrics.get("device"), "inference_dtype": metrics.get("precision")}
         row.update({c: round(metrics[c], 4) if isinstance(metrics.get(c), float) else metrics.get(c)
                     for c in metric_cols})
         row["test_seconds"] = metrics.get("generation_seconds")
@@ -298,12 +320,14 @@ def write_report(report: dict, runs: list[Path], out: Path) -> None:
     from chattune.plot import plot_runs
 
     rows, metric_cols = report["rows"], report["metrics"]
+    ran = sorted({f"{r.get('inference_device')} in {r.get('inference_dtype')}" for r in rows})
     md = ["# chattune compare", "", f"train: `{report['train_data']}`, test: `{report['test_data']}`, device: "
-          f"{report['device']}", "", markdown_table(rows, metric_cols), "", "![loss curves](loss.png)", "",
-          "![metric, memory and time](bars.png)", ""]
+          f"{report['device']}; the test set ran on {', '.join(ran)}", "", markdown_table(rows, metric_cols), "",
+          "![loss curves](loss.png)", "", "![metric, memory and time](bars.png)", ""]
     outputs.atomic_write_text(out / "report.md", "\n".join(md))
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=[*COLUMNS, *metric_cols, "test_seconds", "status"])
+    writer = csv.DictWriter(buf, fieldnames=[*COLUMNS, "inference_device", "inference_dtype", *metric_cols,
+                                             "test_seconds", "status"])
     writer.writeheader()
     writer.writerows(rows)
     outputs.atomic_write_text(out / "report.csv", buf.getvalue())

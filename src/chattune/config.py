@@ -124,6 +124,9 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = False
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     label_only_logits: bool = True
+    neftune_noise_alpha: float | None = Field(None, gt=0, description="NEFTune: uniform noise on the input "
+                                              "embeddings in training, scaled by alpha / sqrt(length * hidden) "
+                                              "(e.g. 5); turns packing off")
     compile: Union[bool, Literal["auto"]] = Field("auto", description="torch.compile each decoder layer: auto, "
                                                    "true or false (auto: on a GPU, for long enough runs)")
     group_by_length: bool = True
@@ -133,9 +136,6 @@ class TrainConfig(_Section):
     deepspeed: str | None = None
     fsdp: bool = Field(False, description="shard the model with FSDP (GPUs, through the Trainer and accelerate)")
     fsdp_config: str = Field("fsdp.json", description="an FSDP config JSON: a path or a shipped name")
-
-
-class _RunConfigBase(_Section):
     report_to: list[str] = Field(default_factory=list, description="experiment trackers: none, or any of "
                                  "tensorboard, wandb, mlflow, swanlab (a list or a comma string)")
 
@@ -154,6 +154,9 @@ class _RunConfigBase(_Section):
             raise ValueError(f"train.report_to: unknown tracker {', '.join(map(repr, bad))}; choose none or any of "
                              f"{', '.join(TRACKERS)}")
         return list(dict.fromkeys(names))  # each tracker once
+
+
+class _RunConfigBase(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     template: str = "auto"
     data: DataConfig = Field(default_factory=DataConfig)

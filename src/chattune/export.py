@@ -57,11 +57,14 @@ def _copy_code(base: Path, dst: Path) -> list[str]:
     return copied
 
 
-def export(adapter_dir: str | Path, out_dir: str | Path, log=print) -> Path:
+def export(adapter_dir: str | Path, out_dir: str | Path, log=print, device: str = "cpu", dtype: str = "auto") -> Path:
+    """`device` (--device): where the merge runs; `dtype` (--dtype): the merged model's saved dtype, `auto` the base
+    model's own. Both only mean something where an adapter is merged: a copy is refused them."""
     src, out = Path(adapter_dir), Path(out_dir)
     if not src.is_dir():
         raise ModelError(f"--adapter {src}: no such folder")
     _check_out(out)
+    _check_copy_options(src, device, dtype)
     with atomic_folder(out, "export") as tmp:  # out is absent or an empty folder (checked above)
         info = read_info(src)
         kind = artefact_kind(src)
@@ -74,7 +77,7 @@ def export(adapter_dir: str | Path, out_dir: str | Path, log=print) -> Path:
                 _copy_files(src, tmp)
                 _write_run_info(tmp, info, src, merged=False)
             else:
-                _merge_lora(src, tmp, info, log)
+                _merge_lora(src, tmp, info, log, device, dtype)
         elif kind == FULL_MODEL:
             log(f"{src} is a full model (freeze/full fine-tuning): nothing to merge, copying it to {out}")
             _copy_files(src, tmp)
@@ -87,18 +90,39 @@ def export(adapter_dir: str | Path, out_dir: str | Path, log=print) -> Path:
     return out
 
 
-def _merge_lora(src: Path, tmp: Path, info: dict, log) -> None:
+def _check_copy_options(src: Path, device: str, dtype: str) -> None:
+    """--device / --dtype of an export that copies (a full model, a prefix adapter): nothing is computed or cast, so
+    either is refused rather than ignored."""
+    if device == "cpu" and dtype == "auto":
+        return
+    kind = artefact_kind(src)
+    prefix = kind == ADAPTER and _prompt_learning(json.loads((src / ADAPTER_CONFIG).read_text()))
+    if kind == FULL_MODEL or prefix:
+        flag = f"--dtype {dtype}" if dtype != "auto" else f"--device {device}"
+        what = "a P-tuning v2 (prefix) adapter" if prefix else "a full model"
+        raise ModelError(f"{flag}: {src} is {what}, which export copies as it is (nothing is merged or cast); "
+                         f"leave {flag.split()[0]} out")
+
+
+def _merge_lora(src: Path, tmp: Path, info: dict, log, device: str = "cpu", dtype: str = "auto") -> None:
     import torch
 
-    log(f"loading {src} and its base model ...")
-    tuned = load_tuned(adapter=str(src), dtype=torch.float32, log=log)
-    base_path = Path(getattr(tuned.model.get_base_model().config, "_name_or_path", "") or "")
-    # Merge in fp32, then store in the base model's own dtype (a bf16 6B model stays 12 GB, not 24).
+    from chattune.hardware import decide_device_and_dtype, torch_dtype
+    from chattune.models.load import model_folder
+
+    where, _, _ = decide_device_and_dtype(device, "fp32")  # --device checked; the merge itself is in fp32
+    log(f"loading {src} and its base model (fp32, on {where}) ...")
+    tuned = load_tuned(adapter=str(src), dtype=torch.float32, log=log, device=where, quantize=False)
+    spec = str(getattr(tuned.model.get_base_model().config, "_name_or_path", "") or "")
+    base_path = model_folder(spec, info.get("revision")) or Path(spec)  # a hub id: its snapshot in the HF cache
+    # Merge in fp32, then store in the base model's own dtype (a bf16 6B model stays 12 GB, not 24), or --dtype's.
     merged = tuned.model.merge_and_unload()
-    dtype = _saved_dtype(base_path)
-    if dtype is not None and dtype != torch.float32:
-        merged = merged.to(dtype)
-    log(f"merged the adapter into the base weights; saving ({str(dtype or torch.float32).replace('torch.', '')}) ...")
+    saved = _saved_dtype(base_path) if dtype == "auto" else torch_dtype(dtype)
+    if saved is not None and saved != torch.float32:
+        merged = merged.to(saved)
+    why = "the base model's dtype" if dtype == "auto" else f"--dtype {dtype}"
+    log(f"merged the adapter into the base weights; saving ({str(saved or torch.float32).replace('torch.', '')}, "
+        f"{why}) ...")
     merged.save_pretrained(str(tmp), safe_serialization=True)
     tuned.tokenizer.save_pretrained(str(tmp))
     write_template_files(tmp, tuned.template, tuned.tokenizer)  # prompts as chattune did, in any tool

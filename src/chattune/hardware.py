@@ -9,10 +9,15 @@ timings of each precision so that another busy process cannot tip the choice (it
 timing is the least disturbed one). A run decides once: the choice is recorded in its chattune.json and reused on
 resume and when the trained model is loaded with `auto`. On GPU: bf16 where supported, else fp16. `decide_precision`
 is the one decision training, the commands that load a trained model and `chattune estimate` all ask.
+
+The commands that run a model (chat, eval, compare's evals, serve, export) ask `decide_device_and_dtype` where to run
+it and in what: `--device auto|cpu|cuda|cuda:N`, `--dtype auto|fp32|bf16|fp16`, `--device-map auto`, and what the
+run recorded (the precision in its chattune.json, the device in its run.json).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import time
@@ -192,6 +197,118 @@ def decide_precision(requested: str, device: str | None = None, recorded: str | 
     return choose_precision(requested, device)
 
 
+# ---------------------------------------------------------------- where a trained model runs
+
+DTYPES = ("auto", *PRECISIONS)
+_PLACE = {"cpu": "a CPU", "cuda": "a GPU"}
+
+
+def _config_error(message: str):
+    from chattune.errors import ConfigError
+
+    return ConfigError(message)
+
+
+def parse_device(text: str) -> str:
+    """`--device` as written: auto, cpu, cuda or cuda:N (any case); a ConfigError for anything else. Whether the
+    device is here is `decide_device_and_dtype`'s question."""
+    device = text.strip().lower()
+    kind, _, index = device.partition(":")
+    if device in ("auto", "cpu", "cuda") or (kind == "cuda" and index.isdigit()):
+        return device
+    raise _config_error(f"--device {text}: not a device; give auto, cpu, cuda or cuda:N (N: a GPU's index, from 0)")
+
+
+def _device_here(device: str) -> str:
+    """`auto` -> this machine's device; `cuda`/`cuda:N` checked to be here, as cuda:N (what the model's parameters
+    will say)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return device
+    if not torch.cuda.is_available():
+        raise _config_error(f"--device {device}: this machine has no CUDA GPU (torch sees none); use --device cpu "
+                            "(or leave --device out)")
+    index = int(device.partition(":")[2] or torch.cuda.current_device())
+    if index >= torch.cuda.device_count():
+        raise _config_error(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}; choose one of them")
+    return f"cuda:{index}"
+
+
+def decide_device_and_dtype(requested_device: str = "auto", requested_dtype: str = "auto",
+                            recorded: dict | None = None, device_map: str | None = None,
+                            asked_by: str = "--dtype") -> tuple[str, str, str]:
+    """The one decision of where a trained model runs and in what: (device, fp32 | bf16 | fp16, why) for chat,
+    eval, compare's evals, serve and export. `recorded`: {"device": cpu | cuda, "precision": ...} from the run
+    (run.json, chattune.json; either may be missing), or a model's own preference with its reason in "why" (the
+    bundled model: fp32 on a CPU).
+
+    - device `auto`: this machine's GPU where it has one, else the CPU; `cuda`/`cuda:N` must be here (else a
+      ConfigError naming --device cpu). `device_map="auto"` spreads the model over the visible GPUs instead (device
+      `cuda`): it needs a GPU (refused on a CPU-only machine, where it would only mean the CPU) and no --device.
+    - dtype `auto`: the precision the run trained in, where it trained on this kind of device (or did not record
+      where); otherwise what training would choose here (`decide_precision`): a GPU bf16 (fp16 without bf16), a CPU
+      bf16 only where it runs bf16 natively. A bf16 run kept on an AVX2-only CPU says that fp32 is faster there.
+    - an explicit dtype is kept, but fp16 on a CPU is refused: torch's CPU fp16 kernels are few and slow."""
+    if requested_dtype not in DTYPES:
+        raise _config_error(f"{asked_by} {requested_dtype}: not a dtype; give one of {', '.join(DTYPES)}")
+    if device_map is not None:
+        if requested_device != "auto":
+            raise _config_error(f"--device-map {device_map} and --device {requested_device} both place the model; "
+                                "give one of them")
+        if not torch.cuda.is_available():
+            raise _config_error(f"--device-map {device_map} spreads a model over CUDA GPUs and this machine has none; "
+                                "leave --device-map out (the model then runs on the CPU)")
+        device = "cuda"
+    else:
+        device = _device_here(parse_device(requested_device))
+    kind = device.partition(":")[0]
+    if requested_dtype == "fp16" and kind == "cpu":
+        raise _config_error(f"{asked_by} fp16 on the CPU: torch has few fp16 kernels for CPUs (slow matmuls, missing "
+                            "ops); use bf16 (on a CPU with bf16 instructions) or fp32, or auto")
+    if requested_dtype != "auto":
+        return device, requested_dtype, f"set by {asked_by}"
+    precision, why = _auto_dtype(kind, device, recorded or {})
+    return device, precision, why
+
+
+def _auto_dtype(kind: str, device: str, recorded: dict) -> tuple[str, str]:
+    """`--dtype auto` on a device of `kind` (cpu | cuda): see decide_device_and_dtype."""
+    trained_in, trained_on = recorded.get("precision"), recorded.get("device")
+    trained_on = trained_on.partition(":")[0] if isinstance(trained_on, str) else None
+    if recorded.get("why") and trained_in in PRECISIONS and trained_on in (None, kind):
+        return trained_in, recorded["why"]
+    if trained_in in PRECISIONS and trained_on in (None, kind) and (trained_in != "fp16" or kind == "cuda"):
+        why = f"the run trained in {trained_in} " + (f"on {_PLACE.get(trained_on, trained_on)}" if trained_on
+                                                     else "(its chattune.json)")
+        if trained_in == "bf16" and kind == "cpu" and cpu_kind()[0] == "avx2":
+            why += "; this CPU has no bf16 instructions (AVX2 only): --dtype fp32 runs much faster here"
+        return trained_in, why
+    with torch.cuda.device(device) if ":" in device else contextlib.nullcontext():  # that GPU's bf16 support
+        precision, why = decide_precision("auto", kind)
+    if trained_in in PRECISIONS and trained_on and not recorded.get("why"):
+        why = f"the run trained in {trained_in} on {_PLACE.get(trained_on, trained_on)}, this is {_PLACE[kind]}: {why}"
+    return precision, why
+
+
+def placed_on(model) -> str:
+    """Where a model's parameters really are: `cpu`, `cuda:0`, or several joined by commas (--device-map auto)."""
+    devices = sorted({str(p.device) for p in model.parameters()})
+    return ",".join(devices) or "cpu"
+
+
+def peak_memory_of(placement: str) -> float:
+    """Peak memory (MB) of the devices in `placed_on`'s answer, since reset_peak_memory_of: the sum of each GPU's
+    torch.cuda.max_memory_allocated, plus the process' peak RSS where a part is on the CPU."""
+    return sum(peak_memory_mb(d) for d in placement.split(","))
+
+
+def reset_peak_memory_of(placement: str) -> None:
+    for device in placement.split(","):
+        reset_peak_memory(device)
+
+
 # ---------------------------------------------------------------- peak memory
 
 
@@ -208,11 +325,12 @@ def proc_status_kb(field_name: str) -> float | None:
 
 
 def reset_peak_memory(device: str) -> bool:
-    """Start a new peak: CUDA's max_memory_allocated, or on Linux the process' RSS high-water mark (VmHWM, reset to
-    the current RSS by writing 5 to /proc/self/clear_refs). False where it cannot be reset."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+    """Start a new peak: CUDA's max_memory_allocated (`cuda`: the current GPU, `cuda:N`: that one), or on Linux the
+    process' RSS high-water mark (VmHWM, reset to the current RSS by writing 5 to /proc/self/clear_refs). False where
+    it cannot be reset."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
         return True
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -224,9 +342,9 @@ def reset_peak_memory(device: str) -> bool:
 
 def peak_memory_mb(device: str) -> float:
     """Peak memory since the last reset_peak_memory (or since the process started): torch.cuda.max_memory_allocated
-    on GPU, peak RSS on CPU."""
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
+    on GPU (`cuda`: the current one, `cuda:N`: that one), peak RSS on CPU."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**20
     hwm = proc_status_kb("VmHWM")
     if hwm is not None:
         return hwm / 1024
@@ -239,3 +357,6 @@ def peak_memory_mb(device: str) -> float:
 
 def torch_dtype(precision: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # torch_dtype's inverse

@@ -43,6 +43,61 @@ class RenamedOption(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+RUN_DTYPE_HELP = ("the dtype to run the model in: auto (the run's precision where it trained on this kind of "
+                  "device, else bf16 on a GPU, bf16 on a CPU with bf16 instructions, fp32 on others), fp32, bf16, "
+                  "fp16 (GPU only)")
+
+
+def add_device_options(p, device_map: bool = True, device_default: str = "auto",
+                       dtype_help: str = RUN_DTYPE_HELP) -> None:
+    """`--device`, `--dtype` and (`device_map`) `--device-map` of every command that runs a model (`chat`, `eval`,
+    `serve`, `export`; `compare` passes its eval.device / eval.dtype to `eval`). Decided in one place,
+    hardware.decide_device_and_dtype, by `placement` below (export: its own dtype rule, see export.py)."""
+    from chattune.hardware import DTYPES
+
+    p.add_argument("--device", type=_device_argument, default=device_default, metavar="auto|cpu|cuda|cuda:N",
+                   help=f"where the model runs: auto (a CUDA GPU where there is one, else the CPU), cpu, cuda, "
+                        f"cuda:N (default: {device_default})")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help=f"{dtype_help} (default: auto)")
+    if device_map:
+        p.add_argument("--device-map", choices=["auto"], default=None,
+                       help="auto: spread a model too large for one GPU over the visible GPUs (accelerate; GPUs only)")
+
+
+def _device_argument(text: str) -> str:
+    """argparse's `type` for --device: the form is checked as the options are read (exit 2, usage)."""
+    import argparse
+
+    from chattune.errors import ConfigError
+    from chattune.hardware import parse_device
+
+    try:
+        return parse_device(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix(f"--device {text}: ")) from None
+
+
+def placement(folder: str | None, device: str = "auto", dtype: str = "auto", device_map: str | None = None,
+              precision_key: str | None = None) -> dict:
+    """`load_tuned`'s device, dtype and device_map for `--device`, `--dtype`, `--device-map` (and the `train.precision`
+    key of eval/serve: the same as --dtype; both given must agree), decided by hardware.decide_device_and_dtype
+    from what the run in `folder` recorded, and why (`placement_why`: load_tuned logs the one start-up line, once
+    the model is loaded, with the device its parameters are on)."""
+    from chattune.errors import ConfigError
+    from chattune.hardware import decide_device_and_dtype, torch_dtype
+    from chattune.inference import recorded_hardware
+
+    asked_by = "--dtype"
+    if precision_key is not None:
+        if dtype not in ("auto", precision_key):
+            raise ConfigError(f"--dtype {dtype} and train.precision={precision_key} disagree; give one of them")
+        dtype, asked_by = precision_key, "train.precision"
+    where, precision, why = decide_device_and_dtype(device, dtype, recorded_hardware(folder), device_map, asked_by)
+    if device_map:
+        why += f"; --device-map {device_map}"
+    return {"device": where, "dtype": torch_dtype(precision), "device_map": device_map, "placement_why": why}
+
+
 def add_decode_step_option(p, default: str = "auto") -> None:
     """`--decode-step auto|transformers` of `chat`, `serve` and `eval` (models/decode_step.py)."""
     p.add_argument("--decode-step", choices=["auto", "transformers"], default=default,
@@ -61,8 +116,8 @@ MODEL_KEYS = {
 # The other `model.*` keys, refused with the reason.
 MODEL_HINTS = {
     "model.path": "give the model with --model or --adapter",
-    "model.load_in_8bit": "an 8-bit base is a training setting (bitsandbytes, CUDA); the model is loaded "
-                          "unquantized, and an adapter trained on an 8-bit base applies to it as it is",
+    "model.load_in_8bit": "an 8-bit base is a training setting (bitsandbytes, CUDA): an adapter trained on one is "
+                          "loaded on one, as its run recorded, and a plain model unquantized",
 }
 # Keys whose value starts from the run's recorded config.yaml (trust_remote_code: from its chattune.json, in
 # load_tuned).
@@ -89,7 +144,7 @@ def model_config(command: str, adapter: str | None, model: str | None, overrides
     own keys; MODEL_KEYS apply to every such command. The `inherited` keys (and MODEL_INHERITED) start from the
     run's recorded config.yaml (an `--adapter`/`--model` folder's, or its run's for a checkpoint-N); template and
     trust_remote_code come from the run's chattune.json unless given. Returns (config, keys given, `load_tuned`
-    keyword arguments)."""
+    keyword arguments); where the model runs is `command_placement`'s, asked once the command's own checks passed."""
     from pathlib import Path
 
     from chattune.config import command_config, get_dotted, recorded_config, set_dotted
@@ -116,19 +171,20 @@ def model_config(command: str, adapter: str | None, model: str | None, overrides
         log(f"attention: {attention} (model.attn_implementation"
             + ("" if "model.attn_implementation" in given else f", as recorded in {path}") + ")")
         load["attn_implementation"] = attention
-    if "train.precision" in given:
-        from chattune.hardware import torch_dtype
-
-        precision, why = inference_precision(cfg.train.precision, folder)
-        log(f"precision: {precision} ({why})")
-        load["dtype"] = torch_dtype(precision)
     return cfg, given, load
 
 
+def command_placement(args, cfg, given: set | list) -> dict:
+    """`placement` for a command's parsed options (--adapter/--model, --device, --dtype, --device-map) and its
+    `key=value`s (model_config's cfg and keys given: train.precision)."""
+    precision_key = cfg.train.precision if "train.precision" in given else None
+    return placement(args.adapter or args.model, args.device, args.dtype, args.device_map, precision_key)
+
+
 def inference_precision(precision: str, folder: str | None) -> tuple[str, str]:
-    """(fp32 | bf16 | fp16, why) to load and run a model in, by hardware.decide_precision (training's decision):
-    `auto` is the precision the run trained in (its chattune.json), else what training would choose on this
-    machine; fp16 on a CPU is fp32, as in training."""
+    """(fp32 | bf16 | fp16, why) by hardware.decide_precision alone (training's decision, this machine's device):
+    `auto` is the precision the run trained in (its chattune.json), else what training would choose here; fp16 on
+    a CPU is fp32, as in training. The commands decide through `placement` (device and dtype together)."""
     from pathlib import Path
 
     from chattune.hardware import decide_precision

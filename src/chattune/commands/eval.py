@@ -2,7 +2,7 @@
 
 The `key=value` items: the KEYS below and `train`'s `model.*` keys (commands.MODEL_KEYS)."""
 
-from chattune.commands import add_block_weights_option, add_decode_step_option, add_overrides
+from chattune.commands import add_block_weights_option, add_decode_step_option, add_device_options, add_overrides
 
 HELP = "score a model on a data file: ROUGE-1/2/L, BLEU-4, exact match, triple F1, loss; writes predictions"
 
@@ -10,7 +10,7 @@ HELP = "score a model on a data file: ROUGE-1/2/L, BLEU-4, exact match, triple F
 KEYS = {
     "template": "the chat template (default: the one the run used; --template is the same)",
     "model.trust_remote_code": "load a remote-code model (default: as the run did)",
-    "train.precision": "the dtype to load and run the model in: fp32 (default), bf16, fp16, auto (the run's)",
+    "train.precision": "the same as --dtype: auto (default), fp32, bf16, fp16",
     "data.format": "the data file's format (default: auto)",
     "data.skip_invalid": "score the valid records and report the invalid ones instead of stopping",
     "data.system": "the system prompt for records that have none (default: the run's)",
@@ -36,13 +36,14 @@ def configure(p) -> None:
     p.add_argument("--limit", type=int, default=None, help="score only the first N records")
     p.add_argument("--template", help="override the template (default: the one the run used); = template=NAME")
     p.add_argument("--out", help="output folder (default: MODEL_DIR/eval-<data file stem>)")
+    add_device_options(p)
     add_block_weights_option(p, default="off")
     add_decode_step_option(p, default="transformers")
     add_overrides(p, KEYS, "run-config overrides, starting from the run's config.yaml")
 
 
 def run(args) -> int:
-    from chattune.commands import decode_step_choice, model_config
+    from chattune.commands import command_placement, decode_step_choice, model_config
     from chattune.errors import ConfigError
     from chattune.evaluate.metrics import parse_metric_names
     from chattune.evaluate.run import evaluate
@@ -54,9 +55,10 @@ def run(args) -> int:
     loss_only = [k for k in given if k in LOSS_KEYS]
     if loss_only and "loss" not in names:
         raise ConfigError(f"{', '.join(loss_only)}: only the loss metric encodes whole records (generation prompts "
-                          f"are never cut); add loss to --metrics (now {','.join(names)}) or leave "
-                          f"{'it' if len(loss_only) == 1 else 'them'} out")
+                          f"are cut only to the model's context); add loss to --metrics (now {','.join(names)}) or "
+                          f"leave {'it' if len(loss_only) == 1 else 'them'} out")
     decode_step = decode_step_choice(args.decode_step, cfg, log)
+    load.update(command_placement(args, cfg, given))
     evaluate(args.adapter, args.model, args.data, names, args.batch_size, args.max_new_tokens, args.limit,
              args.out, log=log, data_config=cfg.data, packed=args.block_weights == "auto",
              decode_step=decode_step == "auto", **load)

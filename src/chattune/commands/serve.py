@@ -2,7 +2,7 @@
 
 The `key=value` items: the KEYS below and `train`'s `model.*` keys (commands.MODEL_KEYS)."""
 
-from chattune.commands import add_block_weights_option, add_decode_step_option, add_overrides
+from chattune.commands import add_block_weights_option, add_decode_step_option, add_device_options, add_overrides
 
 HELP = "serve a model: OpenAI-compatible /v1/chat/completions and /v1/completions, and a web chat page at /"
 
@@ -10,7 +10,7 @@ HELP = "serve a model: OpenAI-compatible /v1/chat/completions and /v1/completion
 KEYS = {
     "template": "the chat template (default: the one the run used; --template is the same)",
     "model.trust_remote_code": "load a remote-code model (default: as the run did)",
-    "train.precision": "the dtype to load and run the model in: fp32 (default), bf16, fp16, auto (the run's)",
+    "train.precision": "the same as --dtype: auto (default), fp32, bf16, fp16",
 }
 HINTS = {"model.path": "give the model with --model or --adapter",
          "data.system": "a request sets its system prompt with a `system` message"}
@@ -28,7 +28,7 @@ def configure(p) -> None:
     p.add_argument("--max-batch", type=_at_least_one, default=8,
                    help="requests decoded together (continuous batching); 1: one at a time")
     p.add_argument("--max-tokens", type=_at_least_one, default=512, help="default max_tokens of a request")
-    p.add_argument("--device-map", default=None, help="`auto`: spread a large model over the visible GPUs")
+    add_device_options(p)
     p.add_argument("--template", help="override the template (default: the one the run used); = template=NAME")
     add_block_weights_option(p)
     add_decode_step_option(p)
@@ -50,14 +50,14 @@ def _at_least_one(text: str) -> int:
 def load(args, log=print):
     """The model to serve, loaded as the flags and `key=value` overrides say (a bad key fails before loading);
     `args.decode_step` becomes the decode step that will run (commands.decode_step_choice)."""
-    from chattune.commands import decode_step_choice, model_config
+    from chattune.commands import command_placement, decode_step_choice, model_config
     from chattune.inference import load_tuned
 
     overrides = ([f"template={args.template}"] if args.template else []) + list(args.args)
-    cfg, _, kwargs = model_config("serve", args.adapter, args.model, overrides, KEYS, hints=HINTS, log=log)
+    cfg, given, kwargs = model_config("serve", args.adapter, args.model, overrides, KEYS, hints=HINTS, log=log)
     args.decode_step = decode_step_choice(args.decode_step, cfg, log)
-    return load_tuned(adapter=args.adapter, model=args.model, log=log, device_map=args.device_map,
-                      packed=args.block_weights == "auto", **kwargs)
+    kwargs.update(command_placement(args, cfg, given))
+    return load_tuned(adapter=args.adapter, model=args.model, log=log, packed=args.block_weights == "auto", **kwargs)
 
 
 def run(args) -> int:

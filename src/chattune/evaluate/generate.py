@@ -24,6 +24,29 @@ class Generated:
     stopped: bool  # ended at a stop token (not at max_new_tokens)
 
 
+# What tokenizers report as model_max_length when they do not know it (transformers' VERY_LARGE_INTEGER, 1e30).
+_NO_LENGTH = 10**9
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "seq_length", "max_sequence_length")
+
+
+def model_context(model, tokenizer) -> int | None:
+    """The tokens a model attends over: its config's max_position_embeddings (n_positions, seq_length, ... as other
+    families call it) and the tokenizer's model_max_length, the smaller where both are known; None where neither is."""
+    config = getattr(model, "config", None)
+    lengths = [v for k in _CONTEXT_KEYS if isinstance(v := getattr(config, k, None), int) and v > 0][:1]
+    tokenizer_max = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tokenizer_max, int) and 0 < tokenizer_max < _NO_LENGTH:
+        lengths.append(tokenizer_max)
+    return min(lengths) if lengths else None
+
+
+def cut_prompts(prompts: list[list[int]], room: int) -> tuple[list[list[int]], int]:
+    """Each prompt's last `room` tokens (its end: the last user turn and the generation prompt), and how many were
+    longer."""
+    cut = sum(len(p) > room for p in prompts)
+    return [p[-room:] if len(p) > room else p for p in prompts], cut
+
+
 def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)

@@ -6,7 +6,11 @@ own template (exactly as in training). Predictions are greedy and batched (gener
   `prediction`;
 - `metrics.json`: each metric, the sample count, generation seconds, generated tokens/s, peak memory.
 The teacher-forced `loss` metric scores every trained token of each record (all assistant turns, as in
-training) in one forward pass per batch; `perplexity` is exp(loss). `chattune eval` encodes those records with the
+training) in one forward pass per batch, as training computes its loss: the output head runs only at the positions
+that predict a trained token (label-only logits) and the cross-entropy goes a chunk of rows at a time
+(train/chunked_loss.py), so no [batch, length, vocabulary] logits nor their fp32 copy are ever built; `perplexity`
+is exp(loss). Generation prompts longer than the model's context less --max-new-tokens are cut from the left
+(their end, the last user turn, is kept), and the log says how many. `chattune eval` encodes those records with the
 run's data settings (`data.max_length`, `data.truncation`, `data.train_on`, `data.system`: the run's config.yaml,
 changed by `key=value` overrides; see commands/eval.py).
 """
@@ -79,36 +83,49 @@ def teacher_forced_loss(model, tokenizer, template, conversations: list[Conversa
     """Mean cross-entropy over the trained tokens of `conversations` (all assistant turns), and their count.
     Over-long conversations are cut (or dropped, or refused) by the `data.truncation` policy, as in training."""
     from chattune.data.collate import PaddingCollator
+    from chattune.train.chunked_loss import cross_entropy_sum
+    from chattune.train.packing import forward_accepts
 
     rows = [{"input_ids": enc.input_ids, "labels": enc.labels}
             for enc in encode_conversations(conversations, template, tokenizer, max_length, truncation)]
     collate = PaddingCollator(tokenizer.pad_token_id)  # models/load.py always sets a pad token
     device = next(model.parameters()).device
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    label_only = forward_accepts(base, "logits_to_keep")  # remote code may not take it: full logits, then picked
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     try:
         for i in range(0, len(rows), batch_size):
             batch = {k: v.to(device) for k, v in collate(rows[i:i + batch_size]).items()}
-            labels = batch.pop("labels")[:, 1:]
-            logits = model(**batch, use_cache=False).logits[:, :-1].float()
-            keep = labels != IGNORE
-            total += float(torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum"))
-            count += int(keep.sum())
+            labels = batch.pop("labels")
+            predicts = torch.zeros_like(labels, dtype=torch.bool)  # position t predicts token t + 1
+            predicts[:, :-1] = labels[:, 1:] != IGNORE
+            targets = labels[:, 1:][predicts[:, :-1]]
+            if label_only:
+                logits = model(**batch, use_cache=False, logits_to_keep=predicts).logits
+                logits = logits.reshape(-1, logits.shape[-1])
+            else:
+                logits = model(**batch, use_cache=False).logits[predicts]
+            total += float(cross_entropy_sum(logits, targets))
+            count += int(targets.numel())
     finally:
         model.train(was_training)
     return (total / count if count else float("nan")), count
 
 
 def score(model, tokenizer, template, samples: list[Sample], metric_names: list[str], max_new_tokens: int = 256,
-          batch_size: int = 8, progress=None, max_length: int = 4096, truncation: str = "right") -> EvalResult:
+          batch_size: int = 8, progress=None, max_length: int = 4096, truncation: str = "right",
+          log=None) -> EvalResult:
     """Generate for `samples` (if a generation metric is asked for) and compute the metrics. The building block of
     `chattune eval`, evaluation during training and `compare`. `max_length` / `truncation` apply to the loss
-    metric's records only; generation prompts are never cut."""
+    metric's records only; generation prompts are cut to the model's context (`fit_prompts`), said through `log`
+    (default: chattune's log, stderr)."""
     metrics: dict = {"samples": len(samples)}
     predictions: list[dict] = []
     if any(m in GENERATION_METRICS for m in metric_names):
-        prompts = [encode_prompt(s.prompt, template, tokenizer) for s in samples]
+        prompts = fit_prompts([encode_prompt(s.prompt, template, tokenizer) for s in samples], model, tokenizer,
+                              max_new_tokens, log)
         start = time.perf_counter()
         generated = generate_batch(model, tokenizer, prompts, template.stop_tokens(tokenizer), max_new_tokens,
                                    batch_size, progress)
@@ -127,7 +144,27 @@ def score(model, tokenizer, template, samples: list[Sample], metric_names: list[
     return EvalResult(metrics, predictions)
 
 
-_PRECISION = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+def fit_prompts(prompts: list[list[int]], model, tokenizer, max_new_tokens: int, log=None) -> list[list[int]]:
+    """The prompts cut from the left to the model's context less `max_new_tokens` (generation.model_context), so
+    that prompt and answer fit the positions the model was built for; a ConfigError where no prompt token would
+    fit."""
+    from chattune.errors import ConfigError
+    from chattune.evaluate.generate import cut_prompts, model_context
+
+    context = model_context(model, tokenizer)
+    if context is None:
+        return prompts
+    room = context - max_new_tokens
+    if room < 1:
+        raise ConfigError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's context of "
+                          f"{context} tokens; give --max-new-tokens below {context}")
+    prompts, cut = cut_prompts(prompts, room)
+    if cut:
+        from chattune.log import log as default_log
+
+        (log or default_log)(f"eval: {cut} prompts longer than {room} tokens were cut from the left (the model's "
+                             f"context is {context} tokens, {max_new_tokens} kept for the answer)")
+    return prompts
 
 
 def default_out_dir(source: str, data: str) -> Path:
@@ -138,15 +175,18 @@ def evaluate(adapter: str | None, model: str | None, data: str, metrics: str | l
              batch_size: int = 8, max_new_tokens: int = 256, limit: int | None = None, out: str | None = None,
              template: str | None = None, log=print, data_config=None, trust_remote_code: bool | None = None,
              dtype: torch.dtype = torch.float32, packed: bool = False, decode_step: bool = False,
-             attn_implementation: str | None = None, revision: str | None = None) -> EvalResult:
+             attn_implementation: str | None = None, revision: str | None = None, device: str | None = None,
+             device_map: str | None = None, placement_why: str | None = None) -> EvalResult:
     """`data_config` (a config.DataConfig; `chattune eval` passes the run's, with its overrides) says how records
-    are read and, for the loss metric, encoded; `template`, `trust_remote_code`, `dtype`, `packed`,
-    `attn_implementation`, `revision` go to `load_tuned`. `decode_step`: generation decodes through chattune's own
-    step where its start-up check passes (models/decode_step.py). Both off by default, so predictions are
-    transformers' own computation."""
+    are read and, for the loss metric, encoded; `template`, `trust_remote_code`, `dtype`, `device`, `device_map`,
+    `placement_why`, `packed`, `attn_implementation`, `revision` go to `load_tuned`. `decode_step`: generation
+    decodes through chattune's own step where its start-up check passes (models/decode_step.py). Both off by
+    default, so predictions are transformers' own computation. metrics.json records where the model really ran (its
+    parameters' device and dtype) and that device's peak memory (hardware.peak_memory_of)."""
     from chattune.config import DataConfig
-    from chattune.hardware import device_type, peak_memory_mb, reset_peak_memory
+    from chattune.hardware import PRECISION_NAMES, peak_memory_of, placed_on, reset_peak_memory_of
     from chattune.inference import check_adapter, load_tuned
+    from chattune.models.checks import model_dtype
 
     d = data_config or DataConfig()
     names = parse_metric_names(metrics)
@@ -154,27 +194,29 @@ def evaluate(adapter: str | None, model: str | None, data: str, metrics: str | l
         check_adapter(adapter)
     samples = load_samples(data, limit, d.format, skip_invalid=d.skip_invalid, train_on=d.train_on,
                            default_system=d.system, log=log)  # bad data fails before the model loads
-    device = device_type()
     tuned = load_tuned(adapter=adapter, model=model, template=template, trust_remote_code=trust_remote_code,
                        dtype=dtype, log=log, packed=packed, attn_implementation=attn_implementation,
-                       revision=revision)
+                       revision=revision, device=device, device_map=device_map, placement_why=placement_why)
+    where = placed_on(tuned.model)
     step = False
     if decode_step:
         from chattune.models.decode_step import enable_for_generate
 
         step = enable_for_generate(tuned.model, tuned.pad_id, log)
-    reset_peak_memory(device)
+    reset_peak_memory_of(where)
     log(f"eval: {len(samples)} samples from {data}; metrics: {', '.join(names)}"
         + (f" (loss: data.max_length={d.max_length}, data.truncation={d.truncation})" if "loss" in names else ""))
     bar = _progress_bar(len(samples)) if any(m in GENERATION_METRICS for m in names) else None
     result = score(tuned.model, tuned.tokenizer, tuned.template, samples, names, max_new_tokens, batch_size,
-                   progress=bar.update if bar else None, max_length=d.max_length, truncation=d.truncation)
+                   progress=bar.update if bar else None, max_length=d.max_length, truncation=d.truncation, log=log)
     if bar:
         bar.close()
-    result.metrics["peak_memory_mb"] = round(peak_memory_mb(device), 1)
-    result.metrics.update(data=str(data), model=tuned.source, device=device, batch_size=batch_size,
+    result.metrics["peak_memory_mb"] = round(peak_memory_of(where), 1)
+    computes_in = model_dtype(tuned.model)
+    result.metrics.update(data=str(data), model=tuned.source, device=where, batch_size=batch_size,
                           max_new_tokens=max_new_tokens, template=tuned.template.name,
-                          precision=_PRECISION.get(dtype, str(dtype)),
+                          precision=PRECISION_NAMES.get(computes_in, str(computes_in)),
+                          quantized=_quantized(tuned.model),
                           packed_layers=sum(hasattr(m, "_chattune_packed") for m in tuned.model.modules()),
                           decode_step="chattune" if step else "transformers")
     if "loss" in names:
@@ -191,19 +233,35 @@ def evaluate(adapter: str | None, model: str | None, data: str, metrics: str | l
     return result
 
 
-class _Bar:
-    def __init__(self, total: int):
-        from tqdm import tqdm
+def _quantized(model) -> str | None:
+    """`4-bit` / `8-bit` for a base loaded quantized by bitsandbytes (a QLoRA run), else None."""
+    config = getattr(model, "config", None)
+    quant = getattr(config, "quantization_config", None)
+    if quant is None:
+        return None
+    get = quant.get if isinstance(quant, dict) else lambda k, d=None: getattr(quant, k, d)
+    return "4-bit" if get("load_in_4bit", False) else "8-bit" if get("load_in_8bit", False) else None
 
-        self.tqdm = tqdm(total=total, unit="sample", desc="generating", leave=False)
+
+class _Bar:
+    """Shown from the first finished batch on, so that the lines logged before generation starts (prompts cut to
+    the context) are not written into it."""
+
+    def __init__(self, total: int):
+        self.total, self.tqdm = total, None
 
     def update(self, done: int, total: int, seconds: float) -> None:
+        if self.tqdm is None:
+            from tqdm import tqdm
+
+            self.tqdm = tqdm(total=self.total, unit="sample", desc="generating", leave=False)
         self.tqdm.n = done
         self.tqdm.set_postfix_str(f"{done / seconds:.2f} samples/s" if seconds else "", refresh=False)
         self.tqdm.refresh()
 
     def close(self) -> None:
-        self.tqdm.close()
+        if self.tqdm is not None:
+            self.tqdm.close()
 
 
 def _progress_bar(total: int):

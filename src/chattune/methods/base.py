@@ -40,6 +40,9 @@ class Method:
     - `speed_up(model, cfg, distributed_engine=, compiled=)`: the method's own changes to how its modules run in
       training, applied after `apply` and chattune's other CPU changes (LoRA: shared down-projections); returns a
       line for the log, or None.
+    - `finish_output(model, folder)`: rewrite the final output the Trainer saved into `folder` where the form that
+      training needs differs from the one other tools load (LoRA with a PiSSA/OLoRA init: a plain adapter relative to
+      the unchanged base); checkpoints keep the training form, for `resume=`.
 
     `preflight` also checks train.deepspeed / train.fsdp (common.py) and, for DeepSpeed started without a
     launcher, sets the one-process rendezvous environment DeepSpeed needs.
@@ -78,6 +81,9 @@ class Method:
         return 0
 
     def speed_up(self, model: Any, cfg: Any, *, distributed_engine: bool, compiled: bool) -> str | None:
+        return None
+
+    def finish_output(self, model: Any, folder: Any) -> None:
         return None
 
     def __repr__(self) -> str:

@@ -26,7 +26,7 @@ def output_head(model):
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None:
         return head
-    embedding = _input_embedding(model)
+    embedding = input_embedding(model)
     vocabs, hidden = _vocab_and_hidden(model, embedding)
     if not vocabs or hidden is None:
         return None
@@ -40,7 +40,8 @@ def output_head(model):
     return None
 
 
-def _input_embedding(model):
+def input_embedding(model):
+    """The model's input embedding, or None where the model does not say (remote code may raise NotImplementedError)."""
     try:
         return model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     except NotImplementedError:

@@ -57,6 +57,16 @@ def resolve_model_path(spec: str, log=print, revision: str | None = None) -> str
     return spec  # a hub id: transformers resolves it from the local HF cache (or the hub, where reachable)
 
 
+def model_folder(spec: str, revision: str | None = None) -> Path | None:
+    """The local folder that holds a model's files (config.json, weights, any *.py of its own code): `spec` itself
+    where it is a folder, a hub id's snapshot in the Hugging Face cache (at `revision`; nothing is downloaded), else
+    None. For what `resolve_model_path` returned: it keeps a hub id as the id, for transformers to resolve."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    return _hub_snapshot(spec, revision) if spec and not spec.startswith((".", "/", "~")) else None
+
+
 def _native(folder: Path, log) -> str | None:
     """A checkpoint of a seed family whose remote code no longer runs (ChatGLM-6B, ChatGLM2/3, GLM-4) -> its
     converted native folder, made once (models/native.py); None for any other folder."""

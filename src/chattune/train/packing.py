@@ -51,10 +51,15 @@ def packing_is_exact(model) -> bool:
 
 
 def decide_packing(cfg, method, model, per_sample_attention: bool = True, log=print) -> bool:
-    """Pack the training rows (padding-free batches) for this run? data.packing, where the method supports it, the
-    model's family allows it and the model keeps packed samples apart; with `per_sample_attention` (off for `chattune
+    """Pack the training rows (padding-free batches) for this run? data.packing, where the method supports it, NEFTune
+    is off (train/neftune.py), the model's family allows it and the model keeps packed samples apart; with `per_sample_attention` (off for `chattune
     bench`'s stock baseline) packed rows attend one causal SDPA call per sample where that stays exact."""
     packing = cfg.data.packing and method.supports_packing
+    if packing and cfg.train.neftune_noise_alpha is not None:
+        from chattune.train.neftune import PACKING_OFF
+
+        log(f"packing: off ({PACKING_OFF})")
+        packing = False
     family_reason = packing_off_reason(model.config)
     if packing and family_reason:
         log(f"packing: off ({family_reason})")

@@ -18,7 +18,8 @@ the input tensor each adapted layer receives, and layers that received the same 
 (`install`; the probe is models/layers.py's `shared_input_groups`, next to the names known to share an input). At
 run time a member uses the group's product only when it is called with that same tensor (same object, unmodified);
 anything else (another input, adapters switched off or merged, several or non-vanilla adapters, mixed-batch adapter
-names, a dtype cast) falls back to peft's own forward for that call, so the maths never depends on the guess.
+names, a dtype cast) falls back to peft's own forward for that call, so the maths never depends on the guess. With
+`lora.use_dora` it is not installed at all (`should_fuse`): every DoRA layer is a non-vanilla adapter.
 
 Exactness: with `lora.dropout=0` the result is peft's, up to the summation order of the products (tested to 1e-5
 on losses and gradients). With dropout > 0 the members of a group share one dropout mask instead of drawing one
@@ -176,10 +177,16 @@ def masks_kept(layer) -> list[int]:
     return widths
 
 
-def should_fuse(setting, dropout: float, distributed_engine: bool, compiled: bool) -> tuple[bool, str]:
-    """(fuse?, why) for lora.fuse = True | False | "auto"."""
+def should_fuse(setting, dropout: float, distributed_engine: bool, compiled: bool,
+                use_dora: bool = False) -> tuple[bool, str]:
+    """(fuse?, why) for lora.fuse = True | False | "auto". The other LoRA variants keep it: rsLoRA only changes
+    `scaling`, which a member reads from peft (`self.scaling`); gaussian/orthogonal/PiSSA/OLoRA inits only change the
+    starting A, B and base weights, which a member reads where peft does; modules_to_save copies are no LoRA layers."""
     if setting is False:
         return False, "lora.fuse=false"
+    if use_dora:
+        return False, ("not with lora.use_dora: DoRA rescales each layer's output by its magnitude over the norm of "
+                       "W + BA in peft's own forward, which a shared down-projection would skip")
     if distributed_engine:
         return False, "not with DeepSpeed/FSDP (their partitioned weights are gathered per module call)"
     if compiled:

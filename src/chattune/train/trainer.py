@@ -33,6 +33,7 @@ from chattune.train.compile import check_compile, compile_layers, should_compile
 from chattune.train.dataset import PreparedData, data_line, generation_eval_samples, prepare_data
 from chattune.train.errors import OutOfMemory, TrainingInterrupted, nonfinite_loss, write_failed
 from chattune.train.hf_trainer import ChattuneTrainer
+from chattune.train.neftune import checked_alpha
 from chattune.train.options import TrainOptions
 from chattune.train.packing import decide_packing
 from chattune.train.run_files import best_checkpoint, run_summary, save_final, start_output_dir
@@ -75,8 +76,8 @@ def prepare(cfg: RunConfig, log=print, options: TrainOptions | None = None) -> P
     check_resume_matches(cfg, resume_from)
     method = get_method(cfg.method)
     method.preflight(cfg, device)
-    distributed_engine = bool(cfg.train.deepspeed or cfg.train.fsdp)
     trackers.preflight(cfg.train.report_to)  # a tracker's missing package, before any work
+    distributed_engine = bool(cfg.train.deepspeed or cfg.train.fsdp)
     check_compile(cfg.train.compile, device, distributed_engine)
     if device == "cpu":
         threads = set_cpu_threads(cfg.train.num_threads, int(os.environ.get("WORLD_SIZE", "1")))
@@ -153,6 +154,7 @@ def training_arguments(run: PreparedRun) -> TrainingArguments:
         bf16=run.precision == "bf16",
         fp16=run.precision == "fp16",
         use_cpu=run.device == "cpu",
+        neftune_noise_alpha=checked_alpha(run.model, t.neftune_noise_alpha),  # transformers' NEFTune (train/neftune.py)
         **({"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
            if t.gradient_checkpointing else {}),
         train_sampling_strategy="group_by_length" if (t.group_by_length and not run.packing) else "random",
