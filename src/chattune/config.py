@@ -136,6 +136,10 @@ class TrainConfig(_Section):
     deepspeed: str | None = None
     fsdp: bool = Field(False, description="shard the model with FSDP (GPUs, through the Trainer and accelerate)")
     fsdp_config: str = Field("fsdp.json", description="an FSDP config JSON: a path or a shipped name")
+    optim: str = Field("auto", description="TrainingArguments' optimizer name (auto: adamw_torch_fused; adamw_8bit, "
+                       "paged_adamw_8bit need bitsandbytes and a GPU)")
+    liger: bool = Field(False, description="liger-kernel's fused RMSNorm/RoPE/SwiGLU (transformers' use_liger_kernel; "
+                        "a CUDA GPU)")
     report_to: list[str] = Field(default_factory=list, description="experiment trackers: none, or any of "
                                  "tensorboard, wandb, mlflow, swanlab (a list or a comma string)")
 

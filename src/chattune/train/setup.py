@@ -15,6 +15,7 @@ from chattune.errors import ConfigError
 from chattune.hardware import torch_dtype
 from chattune.methods import get_method
 from chattune.models.load import generation_stop_ids, load_model, load_tokenizer, model_type, resolve_model_path
+from chattune.train.gpu_options import training_attention
 
 
 def is_main_process() -> bool:
@@ -56,7 +57,12 @@ def load_for_training(cfg: RunConfig, precision: str, log=print, device: str | N
     # precision (on CPU too: autocast would otherwise re-cast every frozen weight to bf16 at every step, ~10% of a
     # LoRA step, and keep both copies in memory). Methods that train base weights keep fp32 master weights.
     load_dtype = torch.float32 if method.trains_base_weights else torch_dtype(precision)
-    model = load_model(path, load_dtype, cfg.model.trust_remote_code, cfg.model.attn_implementation, cfg.model.revision,
+    attention, why = training_attention(cfg.model.attn_implementation, device or "cpu", precision,
+                                        cfg.data.packing and method.supports_packing, path,
+                                        cfg.model.trust_remote_code)
+    if attention and not cfg.model.attn_implementation:
+        log(f"attention: {attention} ({why})")
+    model = load_model(path, load_dtype, cfg.model.trust_remote_code, attention, cfg.model.revision,
                        **method.load_kwargs(cfg, load_dtype))
     template = get_template(cfg.template, tokenizer, model_type(path), generation_stop_ids(model))
     log(f"template: {template.name} ({template.chosen_because})")

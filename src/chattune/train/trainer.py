@@ -33,6 +33,7 @@ from chattune.train.compile import check_compile, compile_layers, should_compile
 from chattune.train.dataset import PreparedData, data_line, generation_eval_samples, prepare_data
 from chattune.train.errors import OutOfMemory, TrainingInterrupted, nonfinite_loss, write_failed
 from chattune.train.hf_trainer import ChattuneTrainer
+from chattune.train.gpu_options import check_liger, choose_optimizer
 from chattune.train.neftune import checked_alpha
 from chattune.train.options import TrainOptions
 from chattune.train.packing import decide_packing
@@ -77,6 +78,8 @@ def prepare(cfg: RunConfig, log=print, options: TrainOptions | None = None) -> P
     method = get_method(cfg.method)
     method.preflight(cfg, device)
     trackers.preflight(cfg.train.report_to)  # a tracker's missing package, before any work
+    check_liger(cfg.train.liger, device)
+    optimizer_choice(cfg, device)  # a bad or unusable train.optim, before any work
     distributed_engine = bool(cfg.train.deepspeed or cfg.train.fsdp)
     check_compile(cfg.train.compile, device, distributed_engine)
     if device == "cpu":
@@ -114,7 +117,8 @@ def prepare(cfg: RunConfig, log=print, options: TrainOptions | None = None) -> P
     trainable, total = count_parameters(model)
     log(f"method: {cfg.method}, trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)"
         + backward_reach(model))
-    log(f"packing: {'on' if packing else 'off'}, label-only logits: {'on' if cfg.train.label_only_logits else 'off'}")
+    log(f"packing: {'on' if packing else 'off'}, label-only logits: {'on' if cfg.train.label_only_logits else 'off'}"
+        f", optimizer: {'; '.join(optimizer_choice(cfg, device))}" + (", liger-kernel: on" if cfg.train.liger else ""))
     eval_samples = generation_eval_samples(cfg, data, log)
 
     out = Path(cfg.output_dir)
@@ -125,6 +129,16 @@ def prepare(cfg: RunConfig, log=print, options: TrainOptions | None = None) -> P
 
 
 # ================================================================ phase 2: training arguments
+
+
+def optimizer_choice(cfg: RunConfig, device: str) -> tuple[str, str]:
+    """train.optim for this run (train/gpu_options.py); a DeepSpeed config's own optimizer counts."""
+    ds_optimizer = False
+    if cfg.train.deepspeed:
+        import json
+
+        ds_optimizer = "optimizer" in json.loads(resolve_deepspeed_config(cfg.train.deepspeed).read_text())
+    return choose_optimizer(cfg.train.optim, device, ds_optimizer)
 
 
 def training_arguments(run: PreparedRun) -> TrainingArguments:
@@ -154,6 +168,8 @@ def training_arguments(run: PreparedRun) -> TrainingArguments:
         bf16=run.precision == "bf16",
         fp16=run.precision == "fp16",
         use_cpu=run.device == "cpu",
+        optim=optimizer_choice(run.cfg, run.device)[0],  # train/gpu_options.py
+        use_liger_kernel=t.liger,
         neftune_noise_alpha=checked_alpha(run.model, t.neftune_noise_alpha),  # transformers' NEFTune (train/neftune.py)
         **({"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
            if t.gradient_checkpointing else {}),
