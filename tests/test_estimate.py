@@ -233,3 +233,15 @@ def test_estimate_refuses_keys_it_does_not_read():
             check_keys([key])
     check_keys(["model=x", "model.trust_remote_code=true", "method=lora", "lora.r=4", "prefix.num_virtual_tokens=8",
                 "data.max_length=64", "train.batch_size=2", "train.gradient_checkpointing=true", "train.deepspeed=x"])
+
+
+def test_inference_memory_is_counted_in_the_dtype_the_commands_load_the_run_in(monkeypatch):
+    """chat/eval/serve load a run in the precision it trained in (`--dtype auto`): the inference line counts the
+    weights in that dtype, 2 bytes each in bf16, 4 in fp32, on a CPU as on a GPU."""
+    from chattune.config import load_config
+    from chattune.estimate import estimate
+
+    cfg = lambda p: load_config(None, ["model=chatglm3-6b", "method=lora", f"train.precision={p}"])  # noqa: E731
+    fp32, bf16 = estimate(cfg("fp32"), log=lambda m: None), estimate(cfg("bf16"), log=lambda m: None)
+    # 2 bytes less per parameter, and per KV-cache value: keys and values, 28 layers, 2 groups x 128, 1024 positions
+    assert fp32.inference_bytes - bf16.inference_bytes == 2 * fp32.params["total"] + 2 * (2 * 28 * 256 * 1024)

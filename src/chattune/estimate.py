@@ -225,12 +225,12 @@ def estimate(cfg, gpus: int | None = None, gpu_memory: int | None = None, log=pr
         int(with_ckpt if t.gradient_checkpointing else without)
     terms["logits"] = int(_logits_bytes(tokens, d["vocab"], t.label_only_logits, act_bytes))
     terms["runtime overhead"] = CUDA_OVERHEAD if device == "cuda" else CPU_OVERHEAD
-    # inference: weights at the load precision (the trained dtype, or the quantized base), the adapter loaded with
-    # them (P-tuning v2's prefix encoder with projection is ~1B parameters), a KV cache of one max_length sequence,
-    # the overhead
-    infer_weights = quantized_bytes + (base_total - quantized) * 2 if bits else \
-        base_total * 2 if device == "cuda" else base_total * 4
-    infer_weights += adapter * (2 if device == "cuda" else 4)
+    # inference: weights as chat/eval/serve load the run (hardware.decide_device_and_dtype with --dtype auto: the
+    # precision it trained in, on this kind of device; a quantized base quantized), the adapter loaded with them
+    # (P-tuning v2's prefix encoder with projection is ~1B parameters), a KV cache of one max_length sequence, the
+    # overhead
+    infer_weights = quantized_bytes + (base_total - quantized) * 2 if bits else base_total * act_bytes
+    infer_weights += adapter * act_bytes
     kv_cache = 2 * d["layers"] * d["kv"] * cfg.data.max_length * act_bytes
     inference = int(infer_weights + kv_cache + terms["runtime overhead"])
     params = {"base": base_total, "trainable": trainable, "total": total,
