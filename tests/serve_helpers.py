@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -18,10 +19,39 @@ def free_port() -> int:
 
 @contextmanager
 def running(app):
+    with running_server(app) as (url, _):
+        yield url
+
+
+def _server_class():
+    import uvicorn
+
+    class LoopServer(uvicorn.Server):
+        """uvicorn's server, keeping its event loop so that a test can look at the tasks running on it."""
+
+        async def serve(self, sockets=None):
+            self.loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
+    return LoopServer
+
+
+def server_tasks(server) -> list[str]:
+    """The names of the asyncio tasks on a running server's loop (their coroutines'), this one's left out."""
+    async def names():
+        me = asyncio.current_task()
+        return sorted(t.get_coro().__qualname__ for t in asyncio.all_tasks() if t is not me)
+
+    return asyncio.run_coroutine_threadsafe(names(), server.loop).result(10)
+
+
+@contextmanager
+def running_server(app):
+    """(url, server) of `app` served on 127.0.0.1 in a background thread; `server.loop` is its event loop."""
     import uvicorn
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = _server_class()(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
@@ -33,7 +63,7 @@ def running(app):
         except httpx.HTTPError:
             time.sleep(0.05)
     try:
-        yield url
+        yield url, server
     finally:
         server.should_exit = True
         thread.join(timeout=10)
@@ -63,3 +93,21 @@ class Script:
         forced = output.clone().fill_(-1e4)
         forced[..., target] = 1e4
         return forced
+
+
+def make_adapter(base, out, seed: int, template: str = "chatml", peft_config=None, info: dict | None = None):
+    """A LoRA run's output as chattune writes it (adapter + chattune.json) on the tiny model at `base`, its B
+    matrices random (peft's init_lora_weights=False) so that each adapter answers differently from the base."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from chattune.outputs import write_info
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    config = peft_config or LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(out)
+    write_info(out, {"base_model": str(base), "model_spec": str(base), "method": "lora", "template": template,
+                     **(info or {})})
+    return out

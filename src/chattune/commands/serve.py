@@ -1,4 +1,5 @@
-"""`chattune serve (--adapter DIR | --model DIR) [--host 127.0.0.1] [--port 8000] ... [key=value ...]`.
+"""`chattune serve (--adapter DIR | --model DIR) [--lora NAME=DIR ...] [--host 127.0.0.1] [--port 8000] ...
+[key=value ...]`.
 
 The `key=value` items: the KEYS below and `train`'s `model.*` keys (commands.MODEL_KEYS)."""
 
@@ -20,6 +21,8 @@ def configure(p) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--adapter", help="a chattune output_dir (adapter or full model) or a checkpoint in it")
     src.add_argument("--model", help="a model folder, hub id, or `bundled` (default)")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
+                   help="also serve a LoRA run of the same base as model NAME (repeatable; serve/adapters.py)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (or env CHATTUNE_API_KEY)")
@@ -49,15 +52,23 @@ def _at_least_one(text: str) -> int:
 
 def load(args, log=print):
     """The model to serve, loaded as the flags and `key=value` overrides say (a bad key fails before loading);
-    `args.decode_step` becomes the decode step that will run (commands.decode_step_choice)."""
+    `args.decode_step` becomes the decode step that will run (commands.decode_step_choice); with `--lora`,
+    `args.models` the models requests may name (serve/adapters.py)."""
     from chattune.commands import command_placement, decode_step_choice, model_config
     from chattune.inference import load_tuned
+    from chattune.serve.adapters import add_loras, check_loras
+    from chattune.serve.app import model_name
 
     overrides = ([f"template={args.template}"] if args.template else []) + list(args.args)
     cfg, given, kwargs = model_config("serve", args.adapter, args.model, overrides, KEYS, hints=HINTS, log=log)
     args.decode_step = decode_step_choice(args.decode_step, cfg, log)
     kwargs.update(command_placement(args, cfg, given))
-    return load_tuned(adapter=args.adapter, model=args.model, log=log, packed=args.block_weights == "auto", **kwargs)
+    loras = check_loras(args.lora)  # before the base loads
+    tuned = load_tuned(adapter=args.adapter, model=args.model, log=log, packed=args.block_weights == "auto", **kwargs)
+    if loras:
+        spec = args.model or (None if args.adapter else "bundled")
+        args.models = add_loras(model_name(tuned), tuned, loras, spec or tuned.info.get("model_spec"), log)
+    return tuned
 
 
 def run(args) -> int:
@@ -75,13 +86,15 @@ def run(args) -> int:
 
     key = args.api_key or os.environ.get("CHATTUNE_API_KEY") or None
     app = create_app(tuned, api_key=key, max_queue=args.max_queue, default_max_tokens=args.max_tokens,
-                     max_batch=args.max_batch, decode_step=args.decode_step, bind_host=args.host)
+                     max_batch=args.max_batch, decode_step=args.decode_step, bind_host=args.host,
+                     models=getattr(args, "models", None))
     worker = app.state.worker
     batching = (f"continuous batching of up to {worker.max_batch} requests" if worker.batching else
                 "one request at a time" + (" (this model cannot be batched exactly)" if worker.max_batch > 1 else ""))
     batching += ("; chattune's decode step" if worker.decode_step == "chattune" else
                  f"; transformers' decode step: {worker.decode_why}")
-    log(f"serving {model_name(tuned)} on http://{args.host}:{args.port} (web chat at /, API at /v1; {batching})"
+    names = ", ".join(m.id for m in getattr(args, "models", None) or []) or model_name(tuned)
+    log(f"serving {names} on http://{args.host}:{args.port} (web chat at /, API at /v1; {batching})"
         + (", API key required" if key else ""))
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

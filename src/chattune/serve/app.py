@@ -1,6 +1,7 @@
 """The FastAPI app: `/v1/chat/completions` and `/v1/completions` (OpenAI-compatible, streaming or not, with
 logprobs), `/v1/models`, `/health`, and the web chat page at `/` (plain HTML/JS/CSS from serve/web, no build step,
-no CDN). Requests and responses are the typed models of serve/protocol.py."""
+no CDN). Requests and responses are the typed models of serve/protocol.py. Where several LoRA adapters share the
+base (serve/adapters.py), a request's `model` picks one; /v1/models lists them all."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
 from chattune.sampling import StopStrings, sampling_settings
+from chattune.serve.adapters import Served, served_alone
 from chattune.serve.convert import PlainPrompt, chat_tools, plain_prompts, prompt_prefix, to_conversation
 from chattune.serve.logprobs import TokenText, answer_scores, chat_logprobs, completion_logprobs, offsets
 from chattune.serve.protocol import (ApiError, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
@@ -55,8 +57,11 @@ def _host_name(value: str) -> str:
 
 
 def create_app(tuned, api_key: str | None = None, max_queue: int = 16, default_max_tokens: int = 512,
-               max_batch: int = 8, decode_step: str = "auto", bind_host: str | None = None):
-    """The server. `bind_host` (what `chattune serve --host` binds): without an API key and bound to this machine
+               max_batch: int = 8, decode_step: str = "auto", bind_host: str | None = None,
+               models: list[Served] | None = None):
+    """The server. `models` (serve/adapters.py `add_loras`): the models requests may name where several adapters
+    share `tuned`'s base, the first what a request without `model` gets; None: `tuned` alone.
+    `bind_host` (what `chattune serve --host` binds): without an API key and bound to this machine
     only, requests must name a loopback host (`Host`), which stops DNS rebinding; without a key, a browser request
     from another site (an `Origin` that is not this server's) is refused, so a web page the user visits cannot
     drive the local model."""
@@ -81,8 +86,11 @@ def create_app(tuned, api_key: str | None = None, max_queue: int = 16, default_m
                                                   "key, so only its own page may call it); set --api-key to allow "
                                                   "other sites", kind="permission_error").body(), status_code=403)
         return await call_next(request)
-    worker = Worker(tuned, max_queue, max_batch, decode_step)
-    name = model_name(tuned)
+    served = models or served_alone(model_name(tuned), tuned)
+    by_id = {m.id: m for m in served}
+    several = len(served) > 1
+    worker = Worker(tuned, max_queue, max_batch, decode_step, adapters=[m.adapter for m in served] if several else None)
+    name = served[0].id
     ctx = context_length(tuned.model)
     app.state.worker = worker
     tokenizer = tuned.tokenizer
@@ -109,15 +117,16 @@ def create_app(tuned, api_key: str | None = None, max_queue: int = 16, default_m
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": name, "queued": worker.waiting, "busy": worker.busy.is_set(),
-                "batching": worker.batching, "largest_batch": worker.largest_batch,
+        return {"status": "ok", "model": name, "models": list(by_id), "queued": worker.waiting,
+                "busy": worker.busy.is_set(), "batching": worker.batching, "largest_batch": worker.largest_batch,
                 "decode_step": worker.decode_step}
 
     @app.get("/v1/models")
-    async def models(request: Request):
+    async def model_list(request: Request):
         check_key(request)
-        return respond(ModelList(data=[ModelCard(id=name, template=tuned.info.get("template") or "auto",
-                                                 method=tuned.info.get("method"))]))
+        return respond(ModelList(data=[ModelCard(id=m.id, template=m.tuned.info.get("template") or "auto",
+                                                 method=m.tuned.info.get("method"), parent=m.parent)
+                                       for m in served]))
 
     @app.get("/")
     async def page():
@@ -150,10 +159,20 @@ def create_app(tuned, api_key: str | None = None, max_queue: int = 16, default_m
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # (deep nesting: RecursionError)
             raise ApiError(400, "the request body is not valid JSON") from None
 
-    def check_model(asked: str | None) -> None:
-        if asked not in (None, name):
-            raise ApiError(404, f"model {asked!r} does not exist here; this server serves {name!r}", "model",
+    def pick(asked: str | None) -> Served:
+        """The model a request names (`model`; without one, the server's own); 404 for another name, as vLLM."""
+        if asked is None:
+            return served[0]
+        if asked not in by_id:
+            serving = ", ".join(repr(i) for i in by_id)
+            raise ApiError(404, f"model {asked!r} does not exist here; this server serves {serving}", "model",
                            "model_not_found", kind="not_found_error")
+        return by_id[asked]
+
+    def new_job(m: Served, prompt: list[int], max_new: int, req, **kw) -> Job:
+        """A request's job, with its model's adapter and stop tokens where several are served."""
+        return Job(prompt, max_new, settings(req), req.stops, asyncio.get_running_loop(), adapter=m.adapter,
+                   stop_ids=m.tuned.stop_ids if several else None, **kw)
 
     async def off_the_loop(fn, *args):
         """Rendering and tokenizing a long prompt must not hold up the other requests' streams."""
@@ -190,28 +209,28 @@ def create_app(tuned, api_key: str | None = None, max_queue: int = 16, default_m
     async def chat(request: Request):
         check_key(request)
         req = parse(ChatCompletionRequest, await read_json(request))
-        check_model(req.model)
+        m = pick(req.model)
         tools = chat_tools(req)
         conv = to_conversation(req.messages, tools)
         try:
-            prompt = await off_the_loop(tuned.prompt_ids, conv)
+            prompt = await off_the_loop(m.tuned.prompt_ids, conv)
         except Exception as e:  # noqa: BLE001 - a template that cannot render this conversation
             raise ApiError(400, f"these messages cannot be rendered with the model's template: {e}", "messages") from None
-        job = Job(prompt, budget(len(prompt), req.answer_tokens, "messages"), settings(req), req.stops,
-                  asyncio.get_running_loop(), logprobs=req.logprob_alternatives)
-        submit([job])
+        one = new_job(m, prompt, budget(len(prompt), req.answer_tokens, "messages"), req,
+                      logprobs=req.logprob_alternatives)
+        submit([one])
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if req.stream:
-            return StreamingResponse(_chat_stream(job, rid, created, req, tools), media_type="text/event-stream",
+            return StreamingResponse(_chat_stream(one, rid, created, req, tools, m), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        (value,) = await _results([job], request)
-        return respond(chat_completion(value, rid, created, req, tools))
+        (value,) = await _results([one], request)
+        return respond(chat_completion(value, rid, created, req, tools, m))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         check_key(request)
         req = parse(CompletionRequest, await read_json(request))
-        check_model(req.model)
+        m = pick(req.model)
         if len(req.prompts) > worker.max_queue:
             raise ApiError(400, f"{len(req.prompts)} prompts in one request; this server queues at most "
                                 f"{worker.max_queue} (--max-queue)", "prompt")
@@ -221,22 +240,21 @@ def create_app(tuned, api_key: str | None = None, max_queue: int = 16, default_m
             raise
         except Exception as e:  # noqa: BLE001 - text this tokenizer cannot encode
             raise ApiError(400, f"the prompt cannot be tokenized: {e}", "prompt") from None
-        loop = asyncio.get_running_loop()
-        jobs = [Job(p.ids, budget(len(p.ids), req.max_tokens, "prompt"), settings(req), req.stops, loop,
-                    logprobs=req.logprobs, prompt_logprobs=req.logprobs if req.echo else None) for p in prompts]
+        jobs = [new_job(m, p.ids, budget(len(p.ids), req.max_tokens, "prompt"), req, logprobs=req.logprobs,
+                    prompt_logprobs=req.logprobs if req.echo else None) for p in prompts]
         submit(jobs)
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if req.stream:
-            return StreamingResponse(_completion_stream(jobs[0], prompts[0], rid, created, req),
+            return StreamingResponse(_completion_stream(jobs[0], prompts[0], rid, created, req, m.id),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         results = await _results(jobs, request)
-        return respond(Completion(id=rid, created=created, model=name,
+        return respond(Completion(id=rid, created=created, model=m.id,
                                   choices=[completion_choice(i, p, r, req) for i, (p, r) in
                                            enumerate(zip(prompts, results))],
                                   usage=usage(*results)))
 
-    def finish(result: dict, tools, text: str, stopped_by_string: bool) -> tuple[str, list[ToolCall], str]:
-        content, calls = (tuned.template.parse_assistant(text) if tools else (text, []))
+    def finish(result: dict, tools, text: str, stopped_by_string: bool, m: Served) -> tuple[str, list[ToolCall], str]:
+        content, calls = (m.tuned.template.parse_assistant(text) if tools else (text, []))
         if calls:
             return content, [ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCall(
                 name=c["name"], arguments=c["arguments"] if isinstance(c["arguments"], str)
@@ -247,14 +265,15 @@ def create_app(tuned, api_key: str | None = None, max_queue: int = 16, default_m
         prompt, answer = sum(r["prompt_tokens"] for r in results), sum(r["completion_tokens"] for r in results)
         return Usage(prompt_tokens=prompt, completion_tokens=answer, total_tokens=prompt + answer)
 
-    def chat_completion(value: dict, rid: str, created: int, req: ChatCompletionRequest, tools) -> ChatCompletion:
+    def chat_completion(value: dict, rid: str, created: int, req: ChatCompletionRequest, tools,
+                        m: Served) -> ChatCompletion:
         text, by_string = StopStrings(req.stops).cut(value["text"])
-        content, calls, reason = finish(value, tools, text, by_string)
+        content, calls, reason = finish(value, tools, text, by_string, m)
         message = ChatMessage(content=content if content or not calls else None, tool_calls=calls or None)
         logprobs = None
         if req.logprobs:
             logprobs = chat_logprobs(texts, answer_scores(tokenizer, value, len(text), by_string)[0])
-        return ChatCompletion(id=rid, created=created, model=name, usage=usage(value),
+        return ChatCompletion(id=rid, created=created, model=m.id, usage=usage(value),
                               choices=[ChatChoice(message=message, finish_reason=reason, logprobs=logprobs)])
 
     def completion_choice(index: int, prompt: PlainPrompt, value: dict, req: CompletionRequest) -> CompletionChoice:
@@ -305,10 +324,10 @@ def create_app(tuned, api_key: str | None = None, max_queue: int = 16, default_m
     def sse(data) -> str:
         return f"data: {data.model_dump_json()}\n\n"
 
-    async def _chat_stream(job: Job, rid: str, created: int, req: ChatCompletionRequest, tools):
+    async def _chat_stream(job: Job, rid: str, created: int, req: ChatCompletionRequest, tools, m: Served):
         def chunk(delta: ChatDelta, reason=None, end: Usage | None = None, scores=()) -> str:
             logprobs = chat_logprobs(texts, [s for s, _ in scores]) if scores else None
-            return sse(ChatCompletionChunk(id=rid, created=created, model=name, usage=end, choices=[
+            return sse(ChatCompletionChunk(id=rid, created=created, model=m.id, usage=end, choices=[
                 ChatChunkChoice(delta=delta, finish_reason=reason, logprobs=logprobs)]))
 
         feed = StreamText(req.stops, tokenizer, req.logprobs)
@@ -325,7 +344,7 @@ def create_app(tuned, api_key: str | None = None, max_queue: int = 16, default_m
                 if delta:
                     yield chunk(ChatDelta(content=delta), scores=scores)
             text, by_string = feed.stops.cut(value["text"])
-            content, calls, reason = finish(value, tools, text, by_string)
+            content, calls, reason = finish(value, tools, text, by_string, m)
             scores = feed.finish(value, text, by_string)
             if calls:
                 if content:
@@ -340,13 +359,14 @@ def create_app(tuned, api_key: str | None = None, max_queue: int = 16, default_m
         finally:
             job.cancel.set()  # a disconnect (or the end) stops the generation at the next token
 
-    async def _completion_stream(job: Job, prompt: PlainPrompt, rid: str, created: int, req: CompletionRequest):
+    async def _completion_stream(job: Job, prompt: PlainPrompt, rid: str, created: int, req: CompletionRequest,
+                                 model: str):
         echo = prompt.text if req.echo else ""
 
         def chunk(text: str, scores=(), starts=(), reason=None, end: Usage | None = None) -> str:
             wanted = req.logprobs is not None and reason is None  # (the last chunk carries no tokens)
             logprobs = completion_logprobs(texts, list(scores), list(starts)) if wanted else None
-            return sse(Completion(id=rid, created=created, model=name, usage=end, choices=[
+            return sse(Completion(id=rid, created=created, model=model, usage=end, choices=[
                 CompletionChoice(index=0, text=text, logprobs=logprobs, finish_reason=reason)]))
 
         def answer(pairs) -> tuple[list, list[int]]:

@@ -18,6 +18,11 @@ Prefill runs through the model's forward; decode steps through it too, or throug
 (models/decode_step.py, `Batch.step(..., decode)`) where `step_matches_transformers` finds its logits equal to
 the forward's on the loaded model. `prompt_scores` scores a prompt's own tokens (an echoed completion prompt's
 logprobs, serve/logprobs.py) through the model's forward, a chunk of the prompt at a time.
+
+Several LoRA adapters on one base (serve/adapters.py): each row names its adapter, and every forward passes the
+rows' names as peft's `adapter_names` (its LoRA layers' mixed-batch forward: each adapter applied to its own rows,
+`"__base__"` to none), so rows of different adapters share a batch; `mixed_batching_is_exact` checks on the loaded
+model that this gives the logits each row gets alone.
 """
 
 from __future__ import annotations
@@ -47,18 +52,20 @@ def _cache_argument_of(model_class) -> str:  # read once per class, not at every
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
-def _forward(model, ids, mask, positions, cache):
-    """Next-token logits [B, V] for the last position of each row; `cache` (a DynamicCache) grows in place."""
+def _forward(model, ids, mask, positions, cache, adapters: list[str] | None = None):
+    """Next-token logits [B, V] for the last position of each row; `cache` (a DynamicCache) grows in place.
+    `adapters`: each row's peft adapter (several adapters served), None: the model as it is."""
+    extra = {"adapter_names": adapters} if adapters is not None else {}
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
-                **{_cache_argument(model): cache})
+                **{_cache_argument(model): cache}, **extra)
     return out.logits[:, -1, :].float(), cache
 
 
-def prefill(model, prompts: list[list[int]], pad_id: int):
+def prefill(model, prompts: list[list[int]], pad_id: int, adapters: list[str] | None = None):
     """Left-padded prompts through the model: (next-token logits [n, V], cache, attention mask [n, T])."""
     ids, mask = left_pad(prompts, pad_id, next(model.parameters()).device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits, cache = _forward(model, ids, mask, positions, DynamicCache())
+    logits, cache = _forward(model, ids, mask, positions, DynamicCache(), adapters)
     return logits, cache, mask
 
 
@@ -79,14 +86,16 @@ def _pad_left(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
 
 @dataclass
 class Batch:
-    """The running rows' shared state: cache, attention mask [B, T], next position id per row [B]."""
+    """The running rows' shared state: cache, attention mask [B, T], next position id per row [B], and each row's
+    peft adapter where several are served (None: the model as it is)."""
     cache: object
     mask: torch.Tensor
     positions: torch.Tensor
+    adapters: list[str] | None = None
 
     @classmethod
-    def start(cls, cache, mask):
-        return cls(cache, mask, mask.sum(-1))
+    def start(cls, cache, mask, adapters: list[str] | None = None):
+        return cls(cache, mask, mask.sum(-1), adapters)
 
     @property
     def size(self) -> int:
@@ -101,11 +110,15 @@ class Batch:
                                      _pad_left(theirs.values, max(0, a - b), 2)])
         self.mask = torch.cat([_pad_left(self.mask, max(0, b - a), 1), _pad_left(other.mask, max(0, a - b), 1)])
         self.positions = torch.cat([self.positions, other.positions])
+        if self.adapters is not None or other.adapters is not None:
+            self.adapters = list(self.adapters or []) + list(other.adapters or [])
 
     def keep(self, rows: list[int]) -> None:
         """Keep only `rows`, then drop the leading columns that are padding in every remaining row."""
         index = torch.tensor(rows, device=self.mask.device)
         self.mask, self.positions = self.mask[index], self.positions[index]
+        if self.adapters is not None:
+            self.adapters = [self.adapters[i] for i in rows]
         used = self.mask.any(0).nonzero()
         start = int(used[0]) if len(used) else self.mask.shape[1]
         self.mask = self.mask[:, start:]
@@ -121,7 +134,8 @@ class Batch:
         if decode is not None:
             logits = decode(ids, self.mask, self.positions.unsqueeze(1), self.cache)
         else:
-            logits, self.cache = _forward(model, ids, self.mask, self.positions.unsqueeze(1), self.cache)
+            logits, self.cache = _forward(model, ids, self.mask, self.positions.unsqueeze(1), self.cache,
+                                          self.adapters)
         self.positions = self.positions + 1
         return logits
 
@@ -132,27 +146,29 @@ def _prompt_learning(model) -> bool:
 
 
 @torch.inference_mode()
-def prompt_scores(model, ids: list[int], top: int, chunk: int = 512) -> list[TokenScore]:
+def prompt_scores(model, ids: list[int], top: int, chunk: int = 512, adapter: str | None = None) -> list[TokenScore]:
     """The logprob of each prompt token given the ones before it (the first has none) and the `top` most likely
     tokens at each position: what an echoed prompt's `logprobs` report. The prompt goes through the model's
     forward `chunk` tokens at a time over a growing cache, so the logits held at once are [chunk, V], not the whole
     prompt's (a 4k-token prompt's would be 800 MB on a 49k vocabulary). P-tuning v2 (peft feeds its prefix as the
-    cache) takes the prompt in one forward."""
+    cache) takes the prompt in one forward. `adapter`: the peft adapter it runs with where several are served."""
     device = next(model.parameters()).device
     out = [TokenScore(ids[0], None)]
     whole = _prompt_learning(model)
     cache = None if whole else DynamicCache()
     size = len(ids) if whole else chunk
+    extra = {"adapter_names": [adapter]} if adapter is not None else {}
     for start in range(0, len(ids) - 1, size):
         piece = ids[start:min(start + size, len(ids) - 1)]  # the last token predicts nothing in the prompt
         x = torch.tensor([piece], device=device)
         if cache is None:
-            logits = model(input_ids=x, attention_mask=torch.ones_like(x)).logits[0, -len(piece):]  # past any prefix
+            logits = model(input_ids=x, attention_mask=torch.ones_like(x),
+                           **extra).logits[0, -len(piece):]  # past any prefix
         else:
             mask = torch.ones((1, start + len(piece)), dtype=torch.long, device=device)
             positions = torch.arange(start, start + len(piece), device=device).unsqueeze(0)
             logits = model(input_ids=x, attention_mask=mask, position_ids=positions, use_cache=True,
-                           **{_cache_argument(model): cache}).logits[0]
+                           **{_cache_argument(model): cache}, **extra).logits[0]
         out += scores_for(distribution(logits), ids[start + 1:start + 1 + len(piece)], top)
     return out
 
@@ -177,9 +193,11 @@ class Sampling:
         return choose_token(self.settings, self.processors, logits, seen, self.generator)
 
 
-def _decode_alone(model, prompt: list[int], pad_id: int, steps: int, decode=None) -> torch.Tensor:
-    logits, cache, mask = prefill(model, [prompt], pad_id)
-    batch, rows = Batch.start(cache, mask), [logits[0]]
+def _decode_alone(model, prompt: list[int], pad_id: int, steps: int, decode=None,
+                  adapter: str | None = None) -> torch.Tensor:
+    adapters = [adapter] if adapter is not None else None
+    logits, cache, mask = prefill(model, [prompt], pad_id, adapters)
+    batch, rows = Batch.start(cache, mask, adapters), [logits[0]]
     for _ in range(steps):
         rows.append(batch.step(model, [int(rows[-1].argmax())], decode)[0])
     return torch.stack(rows)
@@ -238,6 +256,30 @@ def batching_is_exact(model, pad_id: int, steps: int = 3, decode=None) -> bool:
         batch.keep([1])  # the first row leaves; the second goes on alone
         rows[1].append(batch.step(model, [int(rows[1][-1].argmax())], decode)[0])
     except Exception:  # noqa: BLE001 - any model this cannot drive is served one request at a time
+        return False
+    dtype = model_dtype(model)
+    return all(same_logits(torch.stack(got), want, dtype) for got, want in zip(rows, expected))
+
+
+@torch.inference_mode()
+def mixed_batching_is_exact(model, pad_id: int, adapters: list[str], steps: int = 3) -> bool:
+    """Rows of different peft adapters decoded together (peft's `adapter_names`) give the logits each gives alone
+    with its adapter (`same_logits`), with rows joining a running batch and leaving it. Checked once at start-up
+    where several adapters are served; False where peft cannot mix them (it refuses e.g. DoRA) or they differ."""
+    prompts = [PROBE[i % 2][: 7 - i % 3] for i in range(len(adapters))]  # different lengths: rows are padded
+    try:
+        expected = [_decode_alone(model, p, pad_id, steps, adapter=a) for p, a in zip(prompts, adapters)]
+        logits, cache, mask = prefill(model, prompts[:1], pad_id, adapters[:1])
+        batch, rows = Batch.start(cache, mask, adapters[:1]), [[logits[0]]]
+        if len(adapters) > 1:  # the others join the running first row
+            joined, cache2, mask2 = prefill(model, prompts[1:], pad_id, adapters[1:])
+            batch.merge(Batch.start(cache2, mask2, adapters[1:]))
+            rows += [[row] for row in joined]
+        for _ in range(steps):
+            out = batch.step(model, [int(r[-1].argmax()) for r in rows])
+            for r, row in enumerate(rows):
+                row.append(out[r])
+    except Exception:  # noqa: BLE001 - adapters peft cannot mix are served one request at a time
         return False
     dtype = model_dtype(model)
     return all(same_logits(torch.stack(got), want, dtype) for got, want in zip(rows, expected))

@@ -55,6 +55,28 @@ def _neutral(value: Any, allowed: Any, name: str) -> None:
         raise unsupported(name, f"`{name}`={value!r} is not supported by this server (only {allowed!r})")
 
 
+def _lone_surrogate(data: Any) -> str | None:
+    """Where the first string (or key) holding a lone UTF-16 surrogate is: JSON's `\\ud800` escapes let one in,
+    but it is no text, and encoding it later (a tokenizer, a stop string) would fail inside the server. A loop, not
+    recursion: the body may be nested as deep as the JSON reader allows."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return where
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                name = key.encode("utf-8", "backslashreplace").decode()  # printable, a surrogate included
+                here = f"{where}.{name}" if where else name
+                stack += [(here, key), (here, item)]
+        elif isinstance(value, list):
+            stack += [(f"{where}[{i}]", item) for i, item in enumerate(value)]
+    return None
+
+
 class _Request(BaseModel):
     # strict: no "1" for 1, no 2.0 for an integer, no true for a number; NaN and infinities are refused
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
@@ -65,6 +87,10 @@ class _Request(BaseModel):
         """A declared field sent as null takes its default, as OpenAI's API reads it (unknown ones stay, refused)."""
         if not isinstance(data, dict):
             raise ApiError(400, "the request body must be a JSON object")
+        where = _lone_surrogate(data)
+        if where is not None:
+            raise ApiError(400, f"`{where}` holds a lone UTF-16 surrogate (a \\ud800-\\udfff escape not in a "
+                                "pair), which is not text; send valid Unicode", where or None)
         return {k: v for k, v in data.items() if not (v is None and k in cls.model_fields)}
 
     @classmethod
@@ -383,6 +409,7 @@ class ModelCard(_Out):
     owned_by: str = "chattune"
     template: str
     method: str | None = None
+    parent: str | None = None  # an adapter's base model id (vLLM's field); None for a base
 
 
 class ModelList(_Out):

@@ -15,6 +15,12 @@ A job may ask for logprobs (serve/logprobs.py): of its answer's tokens (`logprob
 lists), computed from the logits each token is chosen from, batched or alone; and of its prompt's tokens
 (`prompt_logprobs`, for an echoed completion prompt), from one more pass over the prompt before it decodes. A job
 with `max_new_tokens` 0 is answered after that pass, without decoding.
+
+Where several LoRA adapters share the base (serve/adapters.py), each job names its adapter (peft's name,
+`"__base__"` for none) and its template's stop tokens. Rows of different adapters share a batch through peft's
+`adapter_names` where the start-up check (`engine.mixed_batching_is_exact`) finds that gives each row's lone
+logits; otherwise requests run one at a time, each with its own adapter. chattune's decode step is not used then: it
+applies the model's active adapters to every row.
 """
 
 from __future__ import annotations
@@ -30,8 +36,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 from chattune.models.decode_step import DecodeStep, install_for_generate, why_not
 from chattune.sampling import SamplingSettings, StopStrings
-from chattune.serve.engine import (Batch, Sampling, batching_is_exact, prefill, prompt_scores,
-                                   step_matches_transformers)
+from chattune.serve.engine import (Batch, Sampling, batching_is_exact, mixed_batching_is_exact, prefill,
+                                   prompt_scores, step_matches_transformers)
 from chattune.serve.logprobs import TokenScore, distribution, scores_for
 
 
@@ -47,6 +53,8 @@ class Job:
     logprobs: int | None = None  # None: no logprobs for the answer; N: each token with its N most likely alternatives
     prompt_logprobs: int | None = None  # likewise for the prompt's tokens (an echoed completion prompt)
     prompt_scores: list[TokenScore] | None = None  # set by the worker where prompt_logprobs asks for them
+    adapter: str | None = None  # the peft adapter it runs with where several are served (None: the model as it is)
+    stop_ids: list[int] | None = None  # its template's stop tokens (None: the worker's model's)
 
     def emit(self, kind: str, value) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
@@ -145,8 +153,14 @@ class _Row:
         return self.stops.find(self.tokenizer.decode(window, skip_special_tokens=True)) >= 0
 
 
+MIXED_WHY = "several adapters are served (chattune's step applies the same adapters to every row)"
+
+
 class Worker:
-    def __init__(self, tuned, max_queue: int = 16, max_batch: int = 8, decode_step: str = "auto"):
+    def __init__(self, tuned, max_queue: int = 16, max_batch: int = 8, decode_step: str = "auto",
+                 adapters: list[str] | None = None):
+        """`adapters`: the peft adapter names of the served models where several LoRA adapters share the base
+        (serve/adapters.py); each job then says which one it runs with."""
         if max_queue < 1:
             raise ValueError(f"max_queue must be at least 1 (got {max_queue})")
         self.tuned = tuned
@@ -163,7 +177,12 @@ class Worker:
         self.decode, self.decode_why = None, "--decode-step transformers"
         self.generate_step = False  # one request at a time, transformers' generate decoding through the step
         self.batching = False
-        if self.max_batch > 1:
+        self.adapters = adapters
+        if adapters:
+            self.decode_why = MIXED_WHY
+            self.batching = self.max_batch > 1 and batching_is_exact(t.model, self.pad_id) \
+                and mixed_batching_is_exact(t.model, self.pad_id, adapters)
+        elif self.max_batch > 1:
             self.decode, self.decode_why = self._decode_step(decode_step)
             self.batching = batching_is_exact(t.model, self.pad_id, decode=self.decode)
             if not self.batching and self.decode is not None:  # the engine without the step, or not at all
@@ -254,7 +273,7 @@ class Worker:
                         else:
                             batch.merge(fresh)
                         for job, row_logits in zip(group, logits):
-                            rows.append(_Row(job, t.tokenizer, stop_ids))
+                            rows.append(_Row(job, t.tokenizer, stop_ids if job.stop_ids is None else job.stop_ids))
                             rows[-1].take_or_fail(row_logits)
                     newcomers = []
                     self.largest_batch = max(self.largest_batch, len(rows))
@@ -290,7 +309,8 @@ class Worker:
         for job in jobs:
             try:
                 if job.prompt_logprobs is not None:
-                    job.prompt_scores = prompt_scores(self.tuned.model, job.prompt_ids, job.prompt_logprobs)
+                    job.prompt_scores = prompt_scores(self.tuned.model, job.prompt_ids, job.prompt_logprobs,
+                                                      adapter=job.adapter)
                     job.emit("prompt", job.prompt_scores)  # a stream sends the echoed prompt with them first
                 if job.max_new_tokens == 0:
                     job.emit("done", job.result([], "", False))
@@ -304,9 +324,11 @@ class Worker:
     def _prefill(self, model, jobs: list[Job], pad_id: int) -> list[tuple[list[Job], torch.Tensor, Batch]]:
         """Prefill `jobs` together; when that fails (e.g. out of memory on a long prompt), each on its own, so
         only the prompt that cannot be prefilled fails (its request gets the error)."""
+        adapters = [j.adapter for j in jobs] if self.adapters else None
+        rows = {"adapters": adapters} if adapters else {}  # (a one-model server calls it as it always did)
         try:
-            logits, cache, mask = prefill(model, [j.prompt_ids for j in jobs], pad_id)
-            return [(jobs, logits, Batch.start(cache, mask))]
+            logits, cache, mask = prefill(model, [j.prompt_ids for j in jobs], pad_id, **rows)
+            return [(jobs, logits, Batch.start(cache, mask, adapters))]
         except Exception as e:  # noqa: BLE001 - see the docstring
             if len(jobs) == 1:
                 jobs[0].emit("error", e)
@@ -333,12 +355,14 @@ class Worker:
         t = self.tuned
         device = next(t.model.parameters()).device
         ids = torch.tensor([job.prompt_ids], device=device)
-        stop_ids = t.stop_ids
+        stop_ids = t.stop_ids if job.stop_ids is None else job.stop_ids
         kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=job.max_new_tokens,
                       eos_token_id=stop_ids, pad_token_id=t.tokenizer.pad_token_id,
                       streamer=_Pieces(t.tokenizer, job), stopping_criteria=StoppingCriteriaList([_Cancelled(job.cancel)]))
         if job.stop:
             kwargs.update(stop_strings=job.stop, tokenizer=t.tokenizer)
+        if job.adapter is not None:  # peft's generate applies it to this request's row
+            kwargs.update(adapter_names=[job.adapter])
         if not job.sampling.greedy and job.sampling.seed is not None:
             torch.manual_seed(job.sampling.seed)
         kwargs.update(job.sampling.generate_kwargs(), logits_processor=job.sampling.answer_processors(ids.shape[1]))
