@@ -127,3 +127,18 @@ def test_command_line_sets_compare_keys_and_refuses_keys_compare_decides(setup, 
         load_spec(str(cfg), ["eval.batchsize=3"])
     with pytest.raises(ConfigError, match=r"unknown config key `trian.lr`.*the compare's own keys: train_data"):
         load_spec(str(cfg), ["trian.lr=3"])
+
+
+def test_a_method_section_key_reaches_only_the_variants_that_read_it(setup):
+    """`lora.r=4` on the command line goes to the LoRA variant, not the Freeze one; a section no variant reads is
+    refused."""
+    from chattune.compare import load_spec, variant_overrides
+    from chattune.errors import ConfigError
+
+    root, cfg = setup
+    spec, cli = load_spec(str(cfg), ["lora.r=4", "train.seed=3"])
+    lora, freeze = (variant_overrides(spec, v, cli, root / "t.jsonl", root / v.name) for v in spec.variants)
+    assert "lora.r=4" in lora and "lora.r=4" not in freeze and "train.seed=3" in lora and "train.seed=3" in freeze
+    with pytest.raises(ConfigError, match=r"^compare: `prefix.num_virtual_tokens` has no effect: no variant's method "
+                                          r"reads prefix\.\* \(the variants' methods: lora, freeze\)"):
+        load_spec(str(cfg), ["prefix.num_virtual_tokens=4"])

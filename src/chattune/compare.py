@@ -137,8 +137,48 @@ def split_cli(cli: list[str]) -> tuple[list[str], list[str]]:
 
 
 def variant_overrides(spec: CompareSpec, variant: Variant, cli: list[str], train_file: Path, run_dir: Path) -> list[str]:
+    """The variant's run-config keys: shared, its own, the command line's (a method section's keys only for the
+    variants whose method reads them: `lora.r=4` reaches the LoRA variants, not a Freeze one)."""
     own = variant.overrides if isinstance(variant.overrides, list) else _flatten(variant.overrides)
-    return [*_flatten(spec.shared), *own, *cli, f"data.train={train_file}", f"output_dir={run_dir}"]
+    mine = [*_flatten(spec.shared), *own]
+    return [*mine, *_for_method(_method_of(mine), cli), f"data.train={train_file}", f"output_dir={run_dir}"]
+
+
+def _method_of(overrides: list[str]) -> str:
+    from chattune.config import config_from_dict, apply_overrides
+
+    return config_from_dict(apply_overrides({}, overrides)).method
+
+
+def _sections(method: str) -> tuple[set, set]:
+    """(the method sections `method` reads, every method section)."""
+    from chattune.methods import REGISTRY
+
+    m = REGISTRY[method]
+    return {m.section, *m.also_reads} - {None}, {x.section for x in REGISTRY.values() if x.section}
+
+
+def _for_method(method: str, cli: list[str]) -> list[str]:
+    from chattune.config import parse_override
+
+    reads, sections = _sections(method)
+    return [t for t in cli if parse_override(t)[0].split(".")[0] not in sections - reads]
+
+
+def check_section_keys(spec: CompareSpec, cli: list[str]) -> None:
+    """A method section's key on the command line that no variant's method reads would change nothing: refused."""
+    from chattune.config import parse_override
+
+    methods = []
+    for v in spec.variants:
+        own = v.overrides if isinstance(v.overrides, list) else _flatten(v.overrides)
+        methods.append(_method_of([*_flatten(spec.shared), *own]))
+    for text in cli:
+        key = parse_override(text)[0]
+        head = key.split(".")[0]
+        if head in _sections(methods[0])[1] and not any(head in _sections(m)[0] for m in methods):
+            raise ConfigError(f"compare: `{key}` has no effect: no variant's method reads {head}.* (the variants' "
+                              f"methods: {', '.join(dict.fromkeys(methods))})")
 
 
 def load_spec(path: str, cli: list[str]) -> tuple[CompareSpec, list[str]]:
@@ -156,6 +196,7 @@ def load_spec(path: str, cli: list[str]) -> tuple[CompareSpec, list[str]]:
             setattr(spec, attr, str(base / value))
     if not Path(spec.train_data).exists():
         raise ConfigError(f"{path}: train_data {spec.train_data} not found")
+    check_section_keys(spec, cli)
     for v in spec.variants:  # every variant's run config must be valid before anything trains
         try:
             load_config(None, variant_overrides(spec, v, cli, Path(spec.train_data), Path(spec.output_dir) / v.name))

@@ -50,6 +50,7 @@ class Method:
 
     name: ClassVar[str] = ""
     section: ClassVar[str | None] = None
+    also_reads: ClassVar[tuple[str, ...]] = ()  # other methods' sections this one reads (qlora: lora.*)
     config_class: ClassVar[type[Section] | None] = None
     supports_packing: ClassVar[bool] = True
     trains_base_weights: ClassVar[bool] = False

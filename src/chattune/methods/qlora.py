@@ -31,6 +31,7 @@ class QLoraConfig(Section):
 class QLoRA(LoRA):
     name = "qlora"
     section = "qlora"
+    also_reads = ("lora",)  # the adapters are LoRA's
     config_class = QLoraConfig
     about = "LoRA adapters on a 4-bit or 8-bit quantized base (bitsandbytes, CUDA)"
 
