@@ -68,17 +68,3 @@ def test_shipped_config_by_name_from_any_directory(tmp_path, monkeypatch):
     assert load_config("ptuning_v2").method == "prefix"
     assert load_config("freeze.yaml").method == "freeze"
 
-
-def test_a_method_section_key_for_another_method_is_refused():
-    """`method=freeze lora.r=8` would train Freeze and ignore lora.r: refused, naming what the method reads. QLoRA
-    reads lora.* too; a config file may hold every section (a run's config.yaml does)."""
-    from chattune.config import load_config
-
-    with pytest.raises(ConfigError, match=r"^`lora.r` has no effect with method=freeze \(the freeze method reads "
-                                          r"freeze\.\*\); drop it, or set the method that reads it$"):
-        load_config(None, ["method=freeze", "lora.r=8"])
-    with pytest.raises(ConfigError, match=r"^`freeze.trainable_layers` has no effect with method=full \(the full "
-                                          r"method has no section of its own\)"):
-        load_config(None, ["method=full", "freeze.trainable_layers=2"])
-    assert load_config(None, ["method=qlora", "lora.r=8", "qlora.double_quant=false"]).lora.r == 8
-    assert load_config("ptuning_v2", ["prefix.num_virtual_tokens=4"]).method == "prefix"

@@ -349,24 +349,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     raw: dict = {}
     if path is not None:
         raw = read_yaml_config(path)
-    cfg = config_from_dict(apply_overrides(raw, overrides))
-    check_method_sections(cfg.method, overrides)
-    return cfg
+    return config_from_dict(apply_overrides(raw, overrides))
 
-
-def check_method_sections(method: str, overrides: list[str] | tuple[str, ...]) -> None:
-    """A method section's key given on the command line for a method that does not read it (`method=freeze
-    lora.r=8`) would change nothing: refused. (A config file may hold every section: a run's config.yaml does.)"""
-    m = REGISTRY[method]
-    reads = {m.section, *m.also_reads} - {None}
-    sections = {x.section for x in REGISTRY.values() if x.section}
-    for text in overrides:
-        key = parse_override(text)[0]
-        head = key.split(".")[0]
-        if head in sections and head not in reads:
-            uses = f"reads {', '.join(f'{r}.*' for r in sorted(reads))}" if reads else "has no section of its own"
-            raise ConfigError(f"`{key}` has no effect with method={method} (the {method} method {uses}); drop it, "
-                              f"or set the method that reads it")
 
 
 def split_config_arg(items: list[str]) -> tuple[str | None, list[str]]:
