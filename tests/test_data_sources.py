@@ -468,3 +468,24 @@ def test_data_inspect_refuses_keys_it_does_not_read(tmp_path):
             check_keys([key])
     check_keys(["model=x", "model.trust_remote_code=true", "template=chatml", "data.max_length=64", "train.seed=3",
                 "data.mix=[1, 2]"])
+
+
+def test_evaluation_during_training_reads_eval_records_with_the_runs_data_settings(tiny, tmp_path):
+    """train.eval_generate's samples come from data.eval read as the training data is: data.system for records that
+    have none, and data.skip_invalid (one bad eval record is skipped and reported, not the end of the run)."""
+    from chattune.config import load_config
+    from chattune.data.inspect import tokenizer_and_template
+    from chattune.train.dataset import generation_eval_samples, prepare_data
+
+    train_file = write_jsonl(tmp_path / "t.jsonl", [{"instruction": f"say {w}", "output": w} for w in "abcd"])
+    eval_file = tmp_path / "e.jsonl"
+    eval_file.write_text('{"instruction": "say e", "output": "e"}\n{"instruction": 3}\n'
+                         '{"instruction": "say f", "output": "f", "system": "own"}\n', encoding="utf-8")
+    cfg = load_config(None, [f"model={tiny}", f"data.train={train_file}", f"data.eval={eval_file}",
+                             "data.system=Be brief.", "data.skip_invalid=true", "train.eval_generate=5",
+                             "train.eval_steps=1"])
+    tokenizer, template = tokenizer_and_template(cfg, lambda m: None)
+    data = prepare_data(cfg, tokenizer, template, log=lambda m: None)
+    samples = generation_eval_samples(cfg, data, log=lambda m: None)
+    assert [(s.prompt.system, s.reference) for s in samples] == [("Be brief.", "e"), ("own", "f")]
+    assert len(data.skipped) == 1 and data.skipped[0].startswith(f"{eval_file}:2")
