@@ -489,3 +489,24 @@ def test_evaluation_during_training_reads_eval_records_with_the_runs_data_settin
     samples = generation_eval_samples(cfg, data, log=lambda m: None)
     assert [(s.prompt.system, s.reference) for s in samples] == [("Be brief.", "e"), ("own", "f")]
     assert len(data.skipped) == 1 and data.skipped[0].startswith(f"{eval_file}:2")
+
+
+def test_eval_reads_renamed_columns(tiny, tmp_path, capsys):
+    """`chattune eval --data x.parquet data.columns.instruction=question data.columns.output=answer`: the same
+    mapping as training; without it the missing field is named as the data names it."""
+    import datasets
+
+    from chattune.cli import main
+
+    data = tmp_path / "qa.parquet"
+    datasets.Dataset.from_list([{"question": f"say {w}", "answer": w} for w in "ab"]).to_parquet(str(data))
+    out = tmp_path / "ev"
+    rc = main(["eval", "--model", str(tiny), "--data", str(data), "--metrics", "loss", "--out", str(out),
+               "--dtype", "fp32", "data.columns.instruction=question", "data.columns.output=answer"])
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["samples"] == 2 and metrics["loss_tokens"] > 0
+    capsys.readouterr()
+    assert main(["eval", "--model", str(tiny), "--data", str(data), "--metrics", "loss", "--out",
+                 str(tmp_path / "e2")]) == 2
+    assert "qa.parquet" in capsys.readouterr().err and not (tmp_path / "e2").exists()

@@ -76,8 +76,8 @@ def test_keys_that_do_nothing_for_the_command_are_refused_with_the_ones_that_app
     _, model, data = tiny
     err = _error(capsys, ["eval", "--model", str(model), "--data", str(data), "train.lr=1e-4"])
     assert "`train.lr` has no effect on `chattune eval`; the keys that apply: template, model.trust_remote_code, " \
-           "train.precision, data.format, data.skip_invalid, data.system, data.max_length, data.truncation, " \
-           "data.train_on" in err
+           "train.precision, data.format, data.skip_invalid, data.system, data.columns, data.max_length, " \
+           "data.truncation, data.train_on" in err
     err = _error(capsys, ["eval", "--model", str(model), "--data", str(data), f"data.train={data}"])
     assert "`data.train` has no effect on `chattune eval`; give the file with --data" in err
     err = _error(capsys, ["serve", "--model", str(model), "data.max_length=512"])

@@ -418,7 +418,7 @@ def command_config(command: str, overrides: list[str] | tuple[str, ...], applies
         set_dotted(probe, key, value)
         check_keys(probe, RunConfig)
         typed, key = key, ("model.path" if key == "model" else key)
-        if key not in applies:
+        if key not in applies and not any(key.startswith(a + ".") for a in applies):  # data.columns.X
             hint = (hints or {}).get(key) or (hints or {}).get(key.split(".")[0]) or ""
             raise ConfigError(f"`{typed}` has no effect on `chattune {command}`{'; ' + hint if hint else ''}; "
                               f"the keys that apply: {', '.join(applies)}")

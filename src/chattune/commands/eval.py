@@ -14,6 +14,7 @@ KEYS = {
     "data.format": "the data file's format (default: auto)",
     "data.skip_invalid": "score the valid records and report the invalid ones instead of stopping",
     "data.system": "the system prompt for records that have none (default: the run's)",
+    "data.columns": "the data's column for a format field, e.g. data.columns.output=answer (docs/data.md)",
     "data.max_length": "the loss metric: records longer than this are cut as in training (default: the run's)",
     "data.truncation": "the loss metric: how an over-long record is cut (default: the run's)",
     "data.train_on": "the loss metric: all assistant turns or only the last (default: the run's)",

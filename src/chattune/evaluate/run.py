@@ -66,9 +66,9 @@ def samples_from(conversations: list[Conversation]) -> list[Sample]:
 
 def load_samples(path: str, limit: int | None = None, fmt: str = "auto", split: str = "test",
                  skip_invalid: bool = False, train_on: str = "all", default_system: str | None = None,
-                 log=None) -> list[Sample]:
+                 log=None, columns: dict[str, str] | None = None) -> list[Sample]:
     loaded = load_conversations(path, split=split, fmt=fmt, skip_invalid=skip_invalid, train_on=train_on,
-                                default_system=default_system)
+                                default_system=default_system, columns=columns)
     for line in loaded.skip_report() if log else []:
         log(line)
     samples = samples_from(loaded.conversations)
@@ -192,7 +192,7 @@ def evaluate(adapter: str | None, model: str | None, data: str, metrics: str | l
     names = parse_metric_names(metrics)
     if adapter:
         check_adapter(adapter)
-    samples = load_samples(data, limit, d.format, skip_invalid=d.skip_invalid, train_on=d.train_on,
+    samples = load_samples(data, limit, d.format, skip_invalid=d.skip_invalid, train_on=d.train_on, columns=d.columns,
                            default_system=d.system, log=log)  # bad data fails before the model loads
     tuned = load_tuned(adapter=adapter, model=model, template=template, trust_remote_code=trust_remote_code,
                        dtype=dtype, log=log, packed=packed, attn_implementation=attn_implementation,
