@@ -117,8 +117,8 @@ def prepare(cfg: RunConfig, log=print, options: TrainOptions | None = None) -> P
     trainable, total = count_parameters(model)
     log(f"method: {cfg.method}, trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)"
         + backward_reach(model))
-    log(f"packing: {'on' if packing else 'off'}, label-only logits: {'on' if cfg.train.label_only_logits else 'off'}"
-        f", optimizer: {'; '.join(optimizer_choice(cfg, device))}" + (", liger-kernel: on" if cfg.train.liger else ""))
+    log(f"packing: {'on' if packing else 'off'}, label-only logits: {'on' if cfg.train.label_only_logits else 'off'}")
+    log(f"optimizer: {'; '.join(optimizer_choice(cfg, device))}" + (", liger-kernel: on" if cfg.train.liger else ""))
     eval_samples = generation_eval_samples(cfg, data, log)
 
     out = Path(cfg.output_dir)
