@@ -219,7 +219,8 @@ def write_report(results: dict, out: Path, work: Path) -> None:
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text("\n".join(lines), encoding="utf-8")
     tmp.replace(out)
-    shutil.copy(out, work / "gpu.md") if out.parent != work else None
+    if out.parent != work:  # the working folder keeps a copy beside its log
+        shutil.copy(out, work / "gpu.md")
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ def prepare(cfg: RunConfig, log=print, options: TrainOptions | None = None) -> P
     method.preflight(cfg, device)
     trackers.preflight(cfg.train.report_to)  # a tracker's missing package, before any work
     check_liger(cfg.train.liger, device)
-    optimizer_choice(cfg, device)  # a bad or unusable train.optim, before any work
+    optimizer = optimizer_choice(cfg, device)  # a bad or unusable train.optim, before any work
     distributed_engine = bool(cfg.train.deepspeed or cfg.train.fsdp)
     check_compile(cfg.train.compile, device, distributed_engine)
     if device == "cpu":
@@ -118,7 +118,7 @@ def prepare(cfg: RunConfig, log=print, options: TrainOptions | None = None) -> P
     log(f"method: {cfg.method}, trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)"
         + backward_reach(model))
     log(f"packing: {'on' if packing else 'off'}, label-only logits: {'on' if cfg.train.label_only_logits else 'off'}")
-    log(f"optimizer: {'; '.join(optimizer_choice(cfg, device))}" + (", liger-kernel: on" if cfg.train.liger else ""))
+    log(f"optimizer: {'; '.join(optimizer)}" + (", liger-kernel: on" if cfg.train.liger else ""))
     eval_samples = generation_eval_samples(cfg, data, log)
 
     out = Path(cfg.output_dir)
