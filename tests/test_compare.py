@@ -142,3 +142,26 @@ def test_a_method_section_key_reaches_only_the_variants_that_read_it(setup):
     with pytest.raises(ConfigError, match=r"^compare: `prefix.num_virtual_tokens` has no effect: no variant's method "
                                           r"reads prefix\.\* \(the variants' methods: lora, freeze\)"):
         load_spec(str(cfg), ["prefix.num_virtual_tokens=4"])
+
+
+def test_shared_method_keys_reach_only_their_variants_and_a_variants_own_unread_key_is_refused(setup, tmp_path):
+    """Every variant trains through `chattune train`, which refuses a method section's key its method does not read:
+    shared's `lora.*` keys go to the LoRA variant only (as the command line's do), and a variant's own key of a
+    section its method does not read is refused before anything trains, naming the variant."""
+    from chattune.compare import load_spec, variant_overrides
+    from chattune.errors import ConfigError
+
+    root, cfg = setup
+    spec_dict = yaml.safe_load(cfg.read_text())
+    spec_dict["shared"]["lora"] = {"dropout": 0.0}
+    spec_file = tmp_path / "shared.yaml"
+    spec_file.write_text(yaml.safe_dump(spec_dict))
+    spec, cli = load_spec(str(spec_file), [])
+    lora, freeze = (variant_overrides(spec, v, cli, root / "t.jsonl", root / v.name) for v in spec.variants)
+    assert "lora.dropout=0.0" in lora and not any(k.startswith("lora.") for k in freeze)
+    spec_dict["variants"][1]["overrides"].append("lora.r=4")  # the freeze variant
+    spec_file.write_text(yaml.safe_dump(spec_dict))
+    with pytest.raises(ConfigError) as e:
+        load_spec(str(spec_file), [])
+    assert str(e.value) == ("compare: variant freeze: `lora.r` has no effect: this run's method is freeze, which "
+                            "reads no lora.* key (lora.* is read by lora, qlora)")

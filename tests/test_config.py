@@ -68,3 +68,59 @@ def test_shipped_config_by_name_from_any_directory(tmp_path, monkeypatch):
     assert load_config("ptuning_v2").method == "prefix"
     assert load_config("freeze.yaml").method == "freeze"
 
+
+
+# ---------------------------------------------------------------- a method section the run's method does not read
+
+
+@pytest.mark.parametrize("args, message", [
+    (["lora", "method=freeze", "lora.r=8"], "`lora.r` has no effect: this run's method is freeze, which reads no "
+                                            "lora.* key (lora.* is read by lora, qlora)"),
+    (["freeze.yaml", "lora.r=8"], "`lora.r` has no effect: this run's method is freeze, which reads no lora.* key "
+                                  "(lora.* is read by lora, qlora)"),
+    (["ptuning_v2.yaml", "lora.r=8"], "`lora.r` has no effect: this run's method is prefix, which reads no lora.* "
+                                      "key (lora.* is read by lora, qlora)"),
+    (["method=lora", "qlora.bits=8"], "`qlora.bits` has no effect: this run's method is lora, which reads no "
+                                      "qlora.* key (qlora.* is read by qlora)"),
+    (["method=full", "prefix.num_virtual_tokens=4"], "`prefix.num_virtual_tokens` has no effect: this run's method "
+                                                     "is full, which reads no prefix.* key (prefix.* is read by "
+                                                     "prefix)"),
+])
+def test_a_command_line_key_of_a_section_the_method_does_not_read_is_refused(args, message):
+    from chattune.config import config_from_args
+
+    with pytest.raises(ConfigError) as e:
+        config_from_args(args)
+    assert str(e.value) == message
+
+
+def test_train_refuses_it_before_anything_runs(capsys):
+    from chattune.cli import main
+
+    assert main(["train", "lora", "method=freeze", "lora.r=8"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: `lora.r` has no effect: this run's method is freeze, which reads no lora.* key "
+                          "(lora.* is read by lora, qlora)") and "Traceback" not in err
+
+
+def test_a_method_reads_its_own_section_and_those_it_also_reads():
+    from chattune.config import config_from_args
+
+    assert config_from_args(["qlora", "lora.r=8"]).lora.r == 8  # qlora's adapters are LoRA's
+    assert config_from_args(["method=qlora", "lora.r=8", "qlora.bits=8"]).qlora.bits == 8
+    assert config_from_args(["lora", "lora.r=8"]).lora.r == 8
+    assert config_from_args(["method=lora", "lora.r=8"]).lora.r == 8
+    assert config_from_args(["freeze", "freeze.trainable_layers=3", "train.lr=1e-4"]).freeze.trainable_layers == 3
+    # the run's final method counts: freeze.yaml with method=lora on the command line reads lora.*
+    assert config_from_args(["freeze", "method=lora", "lora.r=8"]).lora.r == 8
+
+
+def test_a_config_files_other_sections_are_accepted(tmp_path):
+    """A recorded config.yaml dumps every section with its defaults: a file's lora: section with method: freeze is
+    not refused, only command-line keys are checked."""
+    from chattune.config import config_from_args
+
+    path = tmp_path / "c.yaml"
+    path.write_text("method: freeze\nlora:\n  r: 4\nprefix:\n  num_virtual_tokens: 8\nfreeze:\n  trainable_layers: 1\n")
+    cfg = config_from_args([str(path), "freeze.trainable_layers=2"])
+    assert cfg.method == "freeze" and cfg.freeze.trainable_layers == 2 and cfg.lora.r == 4

@@ -50,10 +50,14 @@ def clean_env() -> dict:
     return env
 
 
+# Each method's own keys: `chattune train` refuses a method section's key that the run's method does not read.
+METHOD_KEYS = {"lora": ["lora.dropout=0"]}
+
+
 def train(tiny, out: Path, method: str, *extra, launcher=(), nproc=1):
     model, data, _ = tiny
     args = [f"model={model}", f"data.train={data}", f"output_dir={out}", f"method={method}", "train.max_steps=2",
-            "train.batch_size=2", "train.logging_steps=1", "train.precision=fp32", "lora.dropout=0",
+            "train.batch_size=2", "train.logging_steps=1", "train.precision=fp32", *METHOD_KEYS.get(method, []),
             "train.save_steps=2", *extra]
     cmd = [*(launcher or [sys.executable, "-m", "chattune"]), "train",
            *(["--nproc", str(nproc)] if nproc > 1 else []), *args]

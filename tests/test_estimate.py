@@ -235,6 +235,17 @@ def test_estimate_refuses_keys_it_does_not_read():
                 "data.max_length=64", "train.batch_size=2", "train.gradient_checkpointing=true", "train.deepspeed=x"])
 
 
+def test_estimate_refuses_a_key_of_a_method_section_the_method_does_not_read(capsys):
+    """As `train` does: `lora.r=8` with method=freeze would change nothing; qlora reads lora.* (its adapters)."""
+    from chattune.cli import main
+
+    assert main(["estimate", "model=chatglm-6b", "method=freeze", "lora.r=8"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: `lora.r` has no effect: this run's method is freeze, which reads no lora.* key "
+                          "(lora.* is read by lora, qlora)") and "Traceback" not in err
+    assert main(["estimate", "model=chatglm-6b", "method=qlora", "lora.r=8", "--gpus", "1", "--json"]) == 0
+
+
 def test_inference_memory_is_counted_in_the_dtype_the_commands_load_the_run_in(monkeypatch):
     """chat/eval/serve load a run in the precision it trained in (`--dtype auto`): the inference line counts the
     weights in that dtype, 2 bytes each in bf16, 4 in fp32, on a CPU as on a GPU."""

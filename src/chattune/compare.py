@@ -33,10 +33,10 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import Field, field_validator
+from pydantic import Field, PrivateAttr, field_validator
 
 from chattune import outputs
-from chattune.config import read_yaml_config, validate
+from chattune.config import keys_for_method, read_yaml_config, validate
 from chattune.errors import ConfigError
 from chattune.evaluate.metrics import metric_columns
 from chattune.methods.base import Section
@@ -69,6 +69,7 @@ class EvalSettings(Section):
 class Variant(Section):
     name: str
     overrides: Union[dict, list[str]] = Field(default_factory=dict)
+    _method: str | None = PrivateAttr(None)  # variant_method's, once decided
 
     @field_validator("name")
     @classmethod
@@ -137,46 +138,40 @@ def split_cli(cli: list[str]) -> tuple[list[str], list[str]]:
 
 
 def variant_overrides(spec: CompareSpec, variant: Variant, cli: list[str], train_file: Path, run_dir: Path) -> list[str]:
-    """The variant's run-config keys: shared, its own, the command line's (a method section's keys only for the
-    variants whose method reads them: `lora.r=4` reaches the LoRA variants, not a Freeze one)."""
-    own = variant.overrides if isinstance(variant.overrides, list) else _flatten(variant.overrides)
-    mine = [*_flatten(spec.shared), *own]
-    return [*mine, *_for_method(_method_of(mine), cli), f"data.train={train_file}", f"output_dir={run_dir}"]
+    """The variant's run-config keys: shared, its own, the command line's (a method section's keys of shared and
+    the command line only for the variants whose method reads them: `lora.r=4` reaches the LoRA variants, not a
+    Freeze one)."""
+    method = variant_method(spec, variant)
+    return [*keys_for_method(method, _flatten(spec.shared)), *_own(variant), *keys_for_method(method, cli),
+            f"data.train={train_file}", f"output_dir={run_dir}"]
 
 
-def _method_of(overrides: list[str]) -> str:
-    from chattune.config import config_from_dict, apply_overrides
-
-    return config_from_dict(apply_overrides({}, overrides)).method
+def _own(variant: Variant) -> list[str]:
+    return variant.overrides if isinstance(variant.overrides, list) else _flatten(variant.overrides)
 
 
-def _sections(method: str) -> tuple[set, set]:
-    """(the method sections `method` reads, every method section)."""
-    from chattune.methods import REGISTRY
+def variant_method(spec: CompareSpec, variant: Variant) -> str:
+    """The variant's method (`method=` of shared, then of its own keys), decided once per variant."""
+    if variant._method is None:
+        from chattune.config import apply_overrides, config_from_dict
 
-    m = REGISTRY[method]
-    return {m.section, *m.also_reads} - {None}, {x.section for x in REGISTRY.values() if x.section}
-
-
-def _for_method(method: str, cli: list[str]) -> list[str]:
-    from chattune.config import parse_override
-
-    reads, sections = _sections(method)
-    return [t for t in cli if parse_override(t)[0].split(".")[0] not in sections - reads]
+        variant._method = config_from_dict(apply_overrides({}, [*_flatten(spec.shared), *_own(variant)])).method
+    return variant._method
 
 
 def check_section_keys(spec: CompareSpec, cli: list[str]) -> None:
-    """A method section's key on the command line that no variant's method reads would change nothing: refused."""
-    from chattune.config import parse_override
+    """A method section's key that would change nothing is refused: on the command line, one that no variant's
+    method reads; in a variant's own keys, one that its method does not read (its `chattune train` would refuse
+    it, after the variants before it trained)."""
+    from chattune.config import check_method_sections, method_sections, parse_override
 
-    methods = []
-    for v in spec.variants:
-        own = v.overrides if isinstance(v.overrides, list) else _flatten(v.overrides)
-        methods.append(_method_of([*_flatten(spec.shared), *own]))
+    methods = [variant_method(spec, v) for v in spec.variants]
+    for v, method in zip(spec.variants, methods):
+        check_method_sections(method, _own(v), where=f"compare: variant {v.name}: ")
     for text in cli:
         key = parse_override(text)[0]
         head = key.split(".")[0]
-        if head in _sections(methods[0])[1] and not any(head in _sections(m)[0] for m in methods):
+        if head in method_sections(methods[0])[1] and not any(head in method_sections(m)[0] for m in methods):
             raise ConfigError(f"compare: `{key}` has no effect: no variant's method reads {head}.* (the variants' "
                               f"methods: {', '.join(dict.fromkeys(methods))})")
 

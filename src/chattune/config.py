@@ -361,8 +361,13 @@ def split_config_arg(items: list[str]) -> tuple[str | None, list[str]]:
 
 
 def config_from_args(items: list[str]) -> RunConfig:
-    """The one way every command reads `[CONFIG] [key=value ...]` from its command line."""
-    return load_config(*split_config_arg(items))
+    """The one way every command reads `[CONFIG] [key=value ...]` from its command line (`train`, `estimate`): a
+    command-line key of a method section the run's method does not read is refused (check_method_sections); the
+    config file's sections are not checked (a recorded config.yaml holds every section, with its defaults)."""
+    path, overrides = split_config_arg(items)
+    cfg = load_config(path, overrides)
+    check_method_sections(cfg.method, overrides)
+    return cfg
 
 
 def config_from_dict(raw: dict) -> RunConfig:
@@ -372,6 +377,44 @@ def config_from_dict(raw: dict) -> RunConfig:
 
 _UNION_TAGS = {"int", "str", "list[int]", "list[str]", "none", "function-after[_check_resume(), RunConfig]",
                "function-after[_check_resume(), _RunConfigBase]"}
+
+
+# ---------------------------------------------------------------- method sections
+
+
+def method_sections(method: str) -> tuple[set[str], set[str]]:
+    """(the method sections `method` reads: its own and its `also_reads`, every method's section)."""
+    m = REGISTRY[method]
+    return {m.section, *m.also_reads} - {None}, {x.section for x in REGISTRY.values() if x.section}
+
+
+def section_readers(section: str) -> list[str]:
+    """The methods that read the method section `section` (lora: lora, qlora)."""
+    return [name for name in REGISTRY if section in method_sections(name)[0]]
+
+
+def unread_section(method: str, text: str) -> str | None:
+    """The method section of the `key=value` `text` when `method` does not read it (`lora` for `lora.r=8` and
+    freeze), else None (not a method section's key, or one `method` reads)."""
+    head = parse_override(text)[0].split(".")[0]
+    reads, sections = method_sections(method)
+    return head if head in sections - reads else None
+
+
+def keys_for_method(method: str, overrides: list[str] | tuple[str, ...]) -> list[str]:
+    """The `key=value`s of `overrides` that `method` reads: those of another method's section left out."""
+    return [t for t in overrides if unread_section(method, t) is None]
+
+
+def check_method_sections(method: str, overrides: list[str] | tuple[str, ...], where: str = "") -> None:
+    """Refuse a `key=value` of a method section that `method` does not read (`lora.r=8` with method=freeze): it
+    would change nothing. `where` starts the message (compare: the variant)."""
+    for text in overrides:
+        section = unread_section(method, text)
+        if section is not None:
+            raise ConfigError(f"{where}`{parse_override(text)[0]}` has no effect: this run's method is {method}, "
+                              f"which reads no {section}.* key ({section}.* is read by "
+                              f"{', '.join(section_readers(section))})")
 
 
 # ---------------------------------------------------------------- commands that use a part of the config
