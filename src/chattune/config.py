@@ -446,14 +446,19 @@ def get_dotted(raw: dict, key: str) -> tuple[bool, Any]:
     return True, node
 
 
-def command_config(command: str, overrides: list[str] | tuple[str, ...], applies: dict[str, str],
-                   base: dict | None = None, base_source: Path | str | None = None,
-                   hints: dict[str, str] | None = None) -> tuple[RunConfig, list[str]]:
-    """`key=value` overrides for a command that uses only some of the run config (`eval`, `serve`), parsed and
-    checked exactly as `train` does: an unknown key gets the same did-you-mean error, a wrong type or range the
-    same message. A known key that does nothing for `command` is refused with the keys that do apply (`applies`:
-    key -> what it does; `hints`: key -> where that setting goes instead). `base` (e.g. values picked from a run's
-    config.yaml, `base_source`) is what the overrides start from. Returns the config and the keys given."""
+def applies_to(key: str, applies) -> bool:
+    """Whether the dotted `key` is one of the `applies` keys, or below one (`data.columns` covers data.columns.X,
+    `model.*` every model.* key)."""
+    return any(key == a or key.startswith(a.removesuffix(".*") + ".") for a in applies)
+
+
+def check_command_keys(command: str, overrides: list[str] | tuple[str, ...], applies,
+                       hints: dict[str, str] | None = None) -> list[str]:
+    """Check a command's `key=value` overrides as `train` does (an unknown key gets the did-you-mean error) and refuse
+    a known key that does nothing for `command`, with where that setting goes instead (`hints`: key or section ->
+    text) and the keys that apply (`applies`: keys, `section.*` for a whole section). The one wording of that
+    refusal, for every command that uses only some of the run config. Returns the keys given (`model` as
+    model.path)."""
     given: list[str] = []
     for text in overrides:
         key, value = parse_override(text)
@@ -461,11 +466,24 @@ def command_config(command: str, overrides: list[str] | tuple[str, ...], applies
         set_dotted(probe, key, value)
         check_keys(probe, RunConfig)
         typed, key = key, ("model.path" if key == "model" else key)
-        if key not in applies and not any(key.startswith(a + ".") for a in applies):  # data.columns.X
+        if not applies_to(key, applies):
             hint = (hints or {}).get(key) or (hints or {}).get(key.split(".")[0]) or ""
             raise ConfigError(f"`{typed}` has no effect on `chattune {command}`{'; ' + hint if hint else ''}; "
                               f"the keys that apply: {', '.join(applies)}")
         given.append(key)
+    return given
+
+
+def command_config(command: str, overrides: list[str] | tuple[str, ...], applies: dict[str, str],
+                   base: dict | None = None, base_source: Path | str | None = None,
+                   hints: dict[str, str] | None = None) -> tuple[RunConfig, list[str]]:
+    """`key=value` overrides for a command that uses only some of the run config (`eval`, `serve`), parsed and
+    checked exactly as `train` does: an unknown key gets the same did-you-mean error, a wrong type or range the
+    same message. A known key that does nothing for `command` is refused with the keys that do apply (`applies`:
+    key -> what it does; `hints`: key -> where that setting goes instead), by check_command_keys. `base` (e.g.
+    values picked from a run's config.yaml, `base_source`) is what the overrides start from. Returns the config and
+    the keys given."""
+    given = check_command_keys(command, overrides, applies, hints)
     raw: dict = {}
     for key in applies:
         found, value = get_dotted(base or {}, key)

@@ -30,17 +30,16 @@ def split_source(items: list[str]) -> tuple[str | None, list[str]]:
     return (None, list(items)) if is_config else (first, list(items[1:]))
 
 
-def check_keys(overrides: list[str]) -> None:
-    """`data inspect` reads model.*, template, data.* and train.seed (data.mix's draw); any other key given on the
-    command line would change nothing, so it is refused naming those."""
-    from chattune.config import parse_override
-    from chattune.errors import ConfigError
+# The run-config keys `data inspect` reads: train.seed is the seed of data.mix's draw.
+DATA_KEYS = ("model", "model.*", "template", "data.*", "train.seed")
 
-    for text in overrides:
-        key = parse_override(text)[0]
-        if key.split(".")[0] not in ("model", "template", "data") and key != "train.seed":
-            raise ConfigError(f"`{key}` has no effect on `chattune data inspect`; the keys that apply: model, "
-                              "model.*, template, data.*, train.seed (the seed of data.mix's draw)")
+
+def check_keys(overrides: list[str]) -> None:
+    """`data inspect` reads DATA_KEYS; any other key given on the command line would change nothing, so it is
+    refused naming those (config.check_command_keys)."""
+    from chattune.config import check_command_keys
+
+    check_command_keys("data inspect", overrides, DATA_KEYS)
 
 
 def run(args) -> int:

@@ -12,26 +12,20 @@ def configure(p) -> None:
 
 
 # The run-config keys the estimate reads (a key given on the command line outside these would change nothing, so it
-# is refused); every key of a method's own section (lora.*, prefix.*, ...) counts, as they decide what trains.
+# is refused); every key of a method's own section (lora.*, prefix.*, ...) counts, as they decide what trains; one of
+# a section the run's method does not read is refused by config_from_args, as `train` refuses it.
 ESTIMATE_KEYS = ("model", "method", "data.max_length", "train.batch_size", "train.precision",
                  "train.gradient_checkpointing", "train.label_only_logits", "train.compile", "train.max_steps",
                  "train.deepspeed", "train.fsdp", "train.fsdp_config")
 
 
 def check_keys(overrides: list[str]) -> None:
-    """Refuse a given key the estimate does not read, naming those it does."""
-    from chattune.config import parse_override
-    from chattune.errors import ConfigError
+    """Refuse a given key the estimate does not read, naming those it does (config.check_command_keys)."""
+    from chattune.config import check_command_keys
     from chattune.methods import REGISTRY
 
-    sections = {m.section for m in REGISTRY.values() if getattr(m, "section", None)}
-    for text in overrides:
-        key = parse_override(text)[0]
-        if key.split(".")[0] in {"model", *sections} or key in ESTIMATE_KEYS:
-            continue
-        if key.split(".")[0] in ("data", "train", "output_dir", "resume", "overwrite", "template"):
-            raise ConfigError(f"`{key}` has no effect on `chattune estimate`; the keys that apply: "
-                              f"{', '.join(ESTIMATE_KEYS)}, model.*, and the method's section ({', '.join(sorted(sections))})")
+    sections = [f"{m.section}.*" for m in REGISTRY.values() if m.section]
+    check_command_keys("estimate", overrides, (*ESTIMATE_KEYS, "model.*", *sections))
 
 
 def run(args) -> int:
