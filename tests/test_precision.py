@@ -1,5 +1,5 @@
 """The one precision decision (hardware.decide_precision) and its three callers: training (a resumed run keeps the
-precision it recorded), the commands that load a trained model (commands.inference_precision, `auto` = the run's)
+precision it recorded), the commands that load a trained model (commands.placement, `auto` = the run's)
 and `chattune estimate` (the precision training would decide). Each CPU kind is set through CHATTUNE_CPU_KIND, so
 the results hold on whatever machine runs the tests."""
 
@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from chattune import hardware
-from chattune.commands import inference_precision
+from chattune.commands import placement
 from chattune.config import load_config
+from chattune.errors import ConfigError
 from chattune.estimate import estimate
 from chattune.hardware import decide_precision
 
@@ -94,22 +95,34 @@ def test_an_explicit_precision_equal_to_the_recorded_one_is_the_users(monkeypatc
 
 
 def test_inference_reads_the_run_precision_through_the_one_decision(monkeypatch, no_probe, tmp_path):
-    monkeypatch.setattr(hardware, "device_type", lambda: "cpu")
+    """`placement` (chat, eval, serve) reads the run's chattune.json (a checkpoint-N's: its run's): `auto` is the
+    precision the run trained in, else what training would choose on this CPU (decide_precision)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("CHATTUNE_CPU_KIND", "avx2")
     run = tmp_path / "run"
     (run / "checkpoint-2").mkdir(parents=True)
     (run / "chattune.json").write_text(json.dumps({"precision": "bf16"}))
-    trained_in = ("bf16", "the precision the run trained in (its chattune.json)")
-    assert inference_precision("auto", str(run)) == trained_in
-    assert inference_precision("auto", str(run / "checkpoint-2")) == trained_in  # its run's chattune.json
-    assert inference_precision("fp32", str(run)) == ("fp32", SET)
-    assert inference_precision("auto", None) == AVX2  # a plain model: what training would choose here
-    assert inference_precision("auto", str(tmp_path / "no-such-folder")) == AVX2
+    plain = tmp_path / "plain-model"
+    plain.mkdir()
+
+    def placed(folder, dtype="auto"):
+        p = placement(str(folder) if folder else None, "auto", dtype)
+        assert p["device"] == "cpu"
+        return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[p["dtype"]], p["placement_why"]
+
+    trained_in = ("bf16", "the run trained in bf16 (its chattune.json); this CPU has no bf16 instructions (AVX2 only): "
+                          "--dtype fp32 runs much faster here")
+    assert placed(run) == trained_in
+    assert placed(run / "checkpoint-2") == trained_in  # its run's chattune.json
+    assert placed(run, "fp32") == ("fp32", "set by --dtype")
+    assert placed(plain) == AVX2  # a plain model: what training would choose here
+    assert placed(tmp_path / "no-such-folder") == AVX2
     (run / "chattune.json").write_text(json.dumps({"precision": "fp16"}))  # trained on a GPU in fp16
-    assert inference_precision("auto", str(run)) == AVX2
+    assert placed(run) == AVX2
     monkeypatch.setenv("CHATTUNE_CPU_KIND", "amx")
-    assert inference_precision("auto", str(run)) == AMX
-    assert inference_precision("fp16", str(run))[0] == "fp32"
+    assert placed(run) == AMX
+    with pytest.raises(ConfigError, match="--dtype fp16 on the CPU"):  # refused, not run as fp32
+        placed(run, "fp16")
 
 
 def _estimate_precision(*overrides, gpus=None):

@@ -178,8 +178,8 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 def decide_precision(requested: str, device: str | None = None, recorded: str | None = None,
                      recorded_why: str = "recorded by the run", gpu_bf16: bool | None = None) -> tuple[str, str]:
     """The one precision decision, (fp32 | bf16 | fp16, why) for `train.precision=requested` on `device`: training
-    (train/trainer.py), the commands that load a trained model (chat, eval, serve: commands.inference_precision) and
-    `chattune estimate` all ask it.
+    (train/trainer.py), the commands that load a trained model (chat, eval, serve: decide_device_and_dtype,
+    where the run's recorded precision does not decide) and `chattune estimate` all ask it.
 
     - `recorded`: the precision a run recorded in its chattune.json (a resumed run; a trained model loaded with
       `auto`). `auto` keeps it (`recorded_why` says so), so that a busy machine or a changed probe cannot switch a

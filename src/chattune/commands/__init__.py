@@ -181,20 +181,6 @@ def command_placement(args, cfg, given: set | list) -> dict:
     return placement(args.adapter or args.model, args.device, args.dtype, args.device_map, precision_key)
 
 
-def inference_precision(precision: str, folder: str | None) -> tuple[str, str]:
-    """(fp32 | bf16 | fp16, why) by hardware.decide_precision alone (training's decision, this machine's device):
-    `auto` is the precision the run trained in (its chattune.json), else what training would choose here; fp16 on
-    a CPU is fp32, as in training. The commands decide through `placement` (device and dtype together)."""
-    from pathlib import Path
-
-    from chattune.hardware import decide_precision
-    from chattune.outputs import read_info
-
-    recorded = read_info(folder).get("precision") if precision == "auto" and folder and Path(folder).is_dir() else None
-    return decide_precision(precision, recorded=recorded,
-                            recorded_why="the precision the run trained in (its chattune.json)")
-
-
 def check_attention(name: str) -> None:
     """`model.attn_implementation`: one transformers knows (eager or a registered one), or a hub kernel
     (`org/repo`), checked before the model loads."""
