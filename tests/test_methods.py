@@ -9,6 +9,7 @@ numbers can be compared exactly.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -227,6 +228,43 @@ def test_export_refuses_a_non_empty_target(tiny, trained):
     with pytest.raises(ModelError, match="not empty"):
         export(out, dest, log=lambda m: None)
     assert (dest / "keep.txt").read_text() == "mine"
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for a test (os.umask returns the old one), restored after it."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield lambda mask: os.umask(mask)
+    os.umask(old)
+
+
+def _mode(path) -> int:
+    return Path(path).stat().st_mode & 0o777
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o077])
+def test_an_atomic_folder_gets_the_mode_a_plain_folder_gets(tmp_path, umask, mask):
+    """atomic_folder's temporary folder (renamed to the output at the end) is made as os.makedirs makes one: mode
+    0o777 less the umask, not tempfile.mkdtemp's 0o700."""
+    from chattune.outputs import atomic_folder
+
+    umask(mask)
+    os_made = tmp_path / "os-made"
+    os.makedirs(os_made)
+    with atomic_folder(tmp_path / "out") as tmp:
+        (tmp / "f.txt").write_text("x")
+    assert _mode(tmp_path / "out") == _mode(os_made) == 0o777 & ~mask
+
+
+def test_an_exported_folder_gets_the_mode_a_plain_folder_gets(tiny, trained, umask):
+    root, *_ = tiny
+    out, *_ = trained("lora")
+    umask(0o027)
+    os_made = root / "os-made-027"
+    os.makedirs(os_made)
+    export(out, root / "export-mode", log=lambda m: None)
+    assert _mode(root / "export-mode") == _mode(os_made) == 0o750
 
 
 # ---------------------------------------------------------------- other architectures

@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -102,13 +103,26 @@ def atomic_folder(out: str | Path, prefix: str = "tmp"):
     empty folder: the caller checks), on any error it is removed, so `out` is either complete or absent."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{prefix}-", dir=out.parent))
+    tmp = _new_folder(out.parent, f".{out.name}.{prefix}-")
     try:
         yield tmp
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _new_folder(parent: Path, prefix: str) -> Path:
+    """A new empty folder `parent/prefix<random>`, made as os.makedirs makes one (mode 0o777 less the umask; a
+    tempfile.mkdtemp folder is 0o700, which the renamed output would keep)."""
+    for _ in range(100):
+        folder = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary folder name {prefix}* in {parent}")
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
