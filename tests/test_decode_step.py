@@ -166,6 +166,52 @@ def test_packed_projections_are_fused_without_a_second_copy(tmp_path):
     torch.testing.assert_close(run(model, step, FEED), before, atol=1e-5 * float(before.abs().max()), rtol=0)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_the_cache_grows_in_place_and_survives_merge_and_keep(monkeypatch, packed):
+    """The step writes each new key/value into storage with room (models/decode_step.append) instead of copying the
+    cache: past the room it moves to larger storage, and after the engine's merge and keep (which replace the
+    views with plain tensors) it starts anew; the logits stay transformers' throughout."""
+    import chattune.models.decode_step as ds
+    from chattune.models.blockweights import enable, why_unavailable
+    from tiny import make_block_exact
+
+    monkeypatch.setattr(ds, "ROOM", 2)  # storage moves every few steps
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_config(__import__("transformers").LlamaConfig(**SMALL)).float().eval()
+    if packed:
+        if why_unavailable() is not None:
+            pytest.skip(f"block-weight kernel unavailable here: {why_unavailable()}")
+        model = make_block_exact(model)
+        enable(model, lambda m: None)
+    step = DecodeStep(model)
+    assert all(layer.native for layer in step.layers) == packed
+    results, storages = [], []
+    for decode in (None, step):
+        with torch.inference_mode():
+            logits, cache, mask = prefill(model, PROMPTS, 0)
+            batch, out = Batch.start(cache, mask), []
+            for tokens in FEED[:5]:
+                out.append(batch.step(model, tokens, decode))
+            if decode is not None:
+                layer = batch.cache.layers[0]
+                storage = layer._chattune_room[0]
+                assert layer.keys.data_ptr() == storage.data_ptr() and storage.shape[2] > layer.keys.shape[2] == 14
+                storages.append(storage.shape[2])
+            extra_logits, extra_cache, extra_mask = prefill(model, [[8, 6, 4]], 0)
+            batch.merge(Batch.start(extra_cache, extra_mask))
+            for tokens in FEED[5:] * 3:
+                out.append(batch.step(model, tokens + [5], decode))
+            batch.keep([0, 2])
+            for tokens in FEED[:3]:
+                out.append(batch.step(model, [tokens[0], 9], decode))
+        results.append(out)
+    scale = max(float(t.abs().max()) for t in results[0])
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, atol=1e-5 * scale, rtol=0)
+    # 9 slots from prefill, room for max(2, 9 // 2) more; full after 4 steps, then 13 + max(2, 13 // 2)
+    assert storages == [19]
+
+
 @pytest.mark.skipif(__import__("chattune.models.blockweights", fromlist=["x"]).why_unavailable() is not None,
                     reason="block-weight kernel unavailable here")
 @pytest.mark.parametrize("family", ["llama", "qwen2", "llama-hd12"])

@@ -248,8 +248,7 @@ class DecodeStep:
                 q = rotate(layer.q(h).view(b, 1, -1, layer.head_dim).transpose(1, 2))
                 k = rotate(layer.k(h).view(b, 1, -1, layer.head_dim).transpose(1, 2))
                 v = layer.v(h).view(b, 1, -1, layer.head_dim).transpose(1, 2)
-            kv.keys = torch.cat([kv.keys, k], dim=-2)
-            kv.values = torch.cat([kv.values, v], dim=-2)
+            append(kv, k, v)
             o = F.scaled_dot_product_attention(q, kv.keys, kv.values, attn_mask=attend, scale=layer.scaling,
                                                enable_gqa=q.shape[1] != k.shape[1])
             x = x + layer.o(o.transpose(1, 2).reshape(b, 1, -1))
@@ -287,14 +286,39 @@ class _NativeStep:
                              qkv.out, self.cos.data_ptr(), self.sin.data_ptr(), hd, layer.qk_heads, y.data_ptr(),
                              self.threads)
         heads = y.view(b, -1, 1, hd)
-        kv.keys = torch.cat([kv.keys, heads[:, layer.q_heads:layer.qk_heads]], dim=-2)
-        kv.values = torch.cat([kv.values, heads[:, layer.qk_heads:]], dim=-2)
+        cap = append(kv, heads[:, layer.q_heads:layer.qk_heads], heads[:, layer.qk_heads:])
         self.lib.layer_back(self.x.data_ptr(), b, self.width, y.data_ptr(), qkv.out, layer.q_heads,
                             layer.qk_heads - layer.q_heads, hd, kv.keys.data_ptr(), kv.values.data_ptr(),
-                            kv.keys.shape[2], None if self.mask is None else self.mask.data_ptr(), layer.scaling,
+                            kv.keys.shape[2], cap, None if self.mask is None else self.mask.data_ptr(), layer.scaling,
                             ref(layer.o.proj), layer.norm2.data_ptr(), layer.eps2, ref(layer.gate_up.proj),
                             layer.gate_up.out // 2, ref(layer.down.proj), self.threads)
         return self.x.view(self.shape)
+
+
+ROOM = 128  # slots a layer's cache grows by at a time (then by half its length): one copy per 128+ tokens
+
+
+def append(kv, k: torch.Tensor, v: torch.Tensor) -> int:
+    """Append one step's keys and values [B, kv_heads, 1, hd] to a cache layer; returns the slot stride of its
+    storage (its `cap`). Why: `torch.cat` at every step copies the whole cache of every layer (at 8 rows and a few
+    hundred tokens, megabytes a step). Here a layer keeps its keys and values in storage [B, kv_heads, cap, hd]
+    with room to grow, and `kv.keys`/`kv.values` are views of its first T slots, so a step writes only the new
+    slot. Whatever replaces the views (the engine's merge and keep, transformers' own cat) leaves plain tensors,
+    which the next append copies once into new storage."""
+    keys, values = kv.keys, kv.values
+    b, heads, t, hd = keys.shape
+    room = getattr(kv, "_chattune_room", None)
+    if (room is None or room[0].shape[0] != b or room[0].shape[2] <= t or keys.data_ptr() != room[0].data_ptr()
+            or values.data_ptr() != room[1].data_ptr() or keys.stride() != room[0].stride()):
+        cap = t + max(ROOM, t // 2)
+        room = (keys.new_empty(b, heads, cap, hd), values.new_empty(b, heads, cap, hd))
+        room[0][:, :, :t].copy_(keys)
+        room[1][:, :, :t].copy_(values)
+        kv._chattune_room = room
+    room[0][:, :, t:t + 1].copy_(k)
+    room[1][:, :, t:t + 1].copy_(v)
+    kv.keys, kv.values = room[0][:, :, :t + 1], room[1][:, :, :t + 1]
+    return room[0].shape[2]
 
 
 def _plain_dynamic(cache) -> bool:
