@@ -244,17 +244,22 @@ def _mode(path) -> int:
 
 
 @pytest.mark.parametrize("mask", [0o022, 0o027, 0o077])
-def test_an_atomic_folder_gets_the_mode_a_plain_folder_gets(tmp_path, umask, mask):
+def test_an_atomic_folder_and_file_get_the_modes_plain_ones_get(tmp_path, umask, mask):
     """atomic_folder's temporary folder (renamed to the output at the end) is made as os.makedirs makes one: mode
-    0o777 less the umask, not tempfile.mkdtemp's 0o700."""
-    from chattune.outputs import atomic_folder
+    0o777 less the umask, not tempfile.mkdtemp's 0o700; atomic_write_text's file (chattune.json, config.yaml, ...)
+    as open() makes one: 0o666 less the umask, not tempfile.mkstemp's 0o600."""
+    from chattune.outputs import atomic_folder, atomic_write_text
 
     umask(mask)
     os_made = tmp_path / "os-made"
     os.makedirs(os_made)
+    (tmp_path / "plain.txt").write_text("x")
     with atomic_folder(tmp_path / "out") as tmp:
-        (tmp / "f.txt").write_text("x")
+        atomic_write_text(tmp / "f.txt", "x")
     assert _mode(tmp_path / "out") == _mode(os_made) == 0o777 & ~mask
+    assert _mode(tmp_path / "out" / "f.txt") == _mode(tmp_path / "plain.txt") == 0o666 & ~mask
+    assert (tmp_path / "out" / "f.txt").read_text() == "x" and [p.name for p in (tmp_path / "out").iterdir()] == \
+        ["f.txt"]
 
 
 def test_an_exported_folder_gets_the_mode_a_plain_folder_gets(tiny, trained, umask):
@@ -265,6 +270,7 @@ def test_an_exported_folder_gets_the_mode_a_plain_folder_gets(tiny, trained, uma
     os.makedirs(os_made)
     export(out, root / "export-mode", log=lambda m: None)
     assert _mode(root / "export-mode") == _mode(os_made) == 0o750
+    assert _mode(root / "export-mode" / "chattune.json") == 0o640  # as open() makes a file under this umask
 
 
 # ---------------------------------------------------------------- other architectures

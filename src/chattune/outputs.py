@@ -17,7 +17,6 @@ import os
 import re
 import secrets
 import shutil
-import tempfile
 from pathlib import Path
 
 from chattune.errors import ConfigError
@@ -115,20 +114,28 @@ def atomic_folder(out: str | Path, prefix: str = "tmp"):
 def _new_folder(parent: Path, prefix: str) -> Path:
     """A new empty folder `parent/prefix<random>`, made as os.makedirs makes one (mode 0o777 less the umask; a
     tempfile.mkdtemp folder is 0o700, which the renamed output would keep)."""
+    return _create_unique(parent, prefix, lambda path: path.mkdir())[0]
+
+
+def _create_unique(parent: Path, prefix: str, create):
+    """(path, create(path)) for the first free name `parent/prefix<random>` (`create` raises FileExistsError for a
+    taken one)."""
     for _ in range(100):
-        folder = parent / f"{prefix}{secrets.token_hex(4)}"
+        path = parent / f"{prefix}{secrets.token_hex(4)}"
         try:
-            folder.mkdir()
-            return folder
+            return path, create(path)
         except FileExistsError:
             continue
-    raise FileExistsError(f"no free temporary folder name {prefix}* in {parent}")
+    raise FileExistsError(f"no free temporary name {prefix}* in {parent}")
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, fsync it and rename it to `path`. The file gets the mode a
+    plain open() gives (0o666 less the umask; a tempfile.mkstemp file is 0o600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    tmp, fd = _create_unique(path.parent, f".{path.name}.",
+                             lambda p: os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
