@@ -59,6 +59,16 @@ def test_kernels_equal_torch_matmul(rows):
         torch.testing.assert_close(block_linear(xt, p, 40), F.linear(xt, w), rtol=1e-5, atol=1e-5)
 
 
+def test_the_kernel_width_follows_the_cpu_unless_avx2_is_asked_for():
+    """The Q4 kernel is AVX-512 where the CPU has it (what torch reports as AVX512), AVX2 otherwise or when
+    CHATTUNE_BLOCK_KERNEL=avx2 (tests/test_cpu_kinds.py runs these tests once more that way)."""
+    import os
+
+    asked = os.environ.get("CHATTUNE_BLOCK_KERNEL")
+    wide = asked != "avx2" and torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX")
+    assert blockweights._library().block_kernel_width() == (512 if wide else 256)
+
+
 def test_attach_block_weights_keeps_outputs_and_greedy_tokens(tmp_path):
     model = exact_tiny(tmp_path)
     prompt = torch.tensor([[5, 9, 13, 17, 21, 25]])

@@ -3,7 +3,8 @@ as each CPU kind this project meets would run them, on whatever machine runs the
 
 Each kind runs the `cpu_kind`-marked tests in a fresh process with `CHATTUNE_CPU_KIND` set, so chattune decides
 as on that CPU (AVX2: fp32; AVX512-BF16 and AMX: bf16). The AVX2 run also limits torch to its AVX2 kernels
-(`ATEN_CPU_CAPABILITY`, oneDNN's `ONEDNN_MAX_CPU_ISA`), which any x86 CPU with more can run: a change that only
+(`ATEN_CPU_CAPABILITY`, oneDNN's `ONEDNN_MAX_CPU_ISA`) and chattune's block-weight kernel to its AVX2 one
+(`CHATTUNE_BLOCK_KERNEL`), which any x86 CPU with more can run: a change that only
 breaks on an AVX2-only CPU fails here. The bf16 kinds cannot be given bf16 instructions a CPU lacks: on an
 AVX2-only machine they run chattune's bf16 decisions with emulated bf16 kernels (slower, the same results to
 bf16's precision), which the tiny models these tests use make affordable.
@@ -21,7 +22,8 @@ from chattune import hardware
 # The AVX2 run gets an inductor cache of its own: torch's compiled-kernel cache does not key on
 # ATEN_CPU_CAPABILITY, and kernels compiled beside the CPU's full ISA gave NaN losses under AVX2-only aten kernels.
 KINDS = {
-    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "TORCHINDUCTOR_CACHE_DIR": "{tmp}/inductor"},
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "TORCHINDUCTOR_CACHE_DIR": "{tmp}/inductor",
+             "CHATTUNE_BLOCK_KERNEL": "avx2"},
     "avx512_bf16": {},
     "amx": {},
 }

@@ -10,7 +10,8 @@ it cannot read directly — and does the rest (RMSNorm as transformers computes 
 attention through torch's SDPA) in a few plain ops. Packed projections (plain, or under a plain LoRA adapter) are
 read directly: q/k/v and gate/up (models/layers.py: the projections that read one input) as one kernel call each,
 the adapters folded in (`_FusedProjection`). A layer whose seven projections are all packed runs as two C calls
-(`layer_front`, `layer_back` in models/blockweights.py) around the cache append, the rest of its maths included.
+(`layer_front`, `layer_back` in models/blockweights.py) around the cache append, the rest of its maths included;
+when every layer is such a layer, the whole step is one C call (`_WholeStep`). The cache grows in place (`append`).
 
 It is used only for what it was checked on: models whose config says Llama, Mistral (without a sliding window) or
 Qwen2 (without one in use), plain or with peft LoRA, whose layers have the Llama shape; and only after a start-up
@@ -208,6 +209,7 @@ class DecodeStep:
         self.layers = [_Layer(layer) for layer in decoder_layers(base)[1]]  # inner's own list (why_not)
         self.norm, self.eps = inner.norm.weight, inner.norm.variance_epsilon
         self.head = _projection(base.lm_head)
+        self.whole = _WholeStep(self) if all(layer.native for layer in self.layers) and self.layers else None
 
     @classmethod
     def of(cls, model) -> "DecodeStep | None":
@@ -227,6 +229,8 @@ class DecodeStep:
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         # One query per row attends to every unmasked cached slot; with no padded slot, no mask at all.
         attend = None if bool(mask.all()) else mask[:, None, None, :].bool()
+        if self.whole is not None:
+            return self.whole(x, cos, sin, None if attend is None else mask, cache)
         half = self.layers[0].head_dim // 2
 
         def rotate(t):
@@ -259,6 +263,56 @@ class DecodeStep:
                 gate, up = layer.gate(h), layer.up(h)
             x = x + layer.down(layer.act(gate) * up)
         return self.head(self._rms(x, self.norm, self.eps))[:, -1, :].float()
+
+
+class _WholeStep:
+    """Every decoder layer (and the final norm and head, where the head is packed) in one C call,
+    `decode_layers`, for models whose layers are all C layers: each layer's new keys and values go straight into
+    its cache's storage (`_room`). Why: two C calls per layer meant 60 returns to Python a step, each taking the GIL
+    back from whatever else holds it (a server's event loop), and the argument building around them; measured on
+    the bundled model in `chattune serve`, that was a quarter of a single stream's time."""
+
+    def __init__(self, step: "DecodeStep"):
+        from chattune.models.blockweights import Layer, _library
+
+        self.lib = _library()
+        self.specs = (Layer * len(step.layers))()
+        for spec, layer in zip(self.specs, step.layers):
+            spec.norm1, spec.eps1, spec.qkv, spec.qkv_out = (layer.norm1.data_ptr(), layer.eps1, layer.qkv.proj,
+                                                              layer.qkv.out)
+            spec.q_heads, spec.kv_heads, spec.hd = layer.q_heads, layer.qk_heads - layer.q_heads, layer.head_dim
+            spec.scale, spec.o, spec.norm2, spec.eps2 = layer.scaling, layer.o.proj, layer.norm2.data_ptr(), layer.eps2
+            spec.gate_up, spec.inter, spec.down = layer.gate_up.proj, layer.gate_up.out // 2, layer.down.proj
+        self.keep = [(layer.norm1, layer.norm2) for layer in step.layers]  # the addresses above stay valid
+        head = step.head
+        self.head = head if isinstance(head, _FusedProjection) and head.bias is None else None
+        self.step = step
+
+    def __call__(self, x, cos, sin, mask, cache) -> torch.Tensor:
+        b, width = x.shape[0], x.shape[-1]
+        kvs = cache.layers
+        t = kvs[0].keys.shape[2]
+        for spec, kv in zip(self.specs, kvs):
+            if kv.keys.shape[2] != t:
+                raise ValueError(f"cache layers of different lengths ({kv.keys.shape[2]} and {t})")
+            keys, values = _room(kv)  # (set every step: new storage may reuse a freed one's address)
+            spec.keys, spec.values, spec.cap = keys.data_ptr(), values.data_ptr(), keys.shape[2]
+        h = x.reshape(b, width).contiguous()
+        cos, sin = cos.reshape(b, -1).contiguous(), sin.reshape(b, -1).contiguous()
+        mask = None if mask is None else mask.to(torch.int64).contiguous()
+        head, step = self.head, self.step
+        logits = torch.empty(b, head.out) if head is not None else None
+        self.lib.decode_layers(len(self.specs), ctypes.addressof(self.specs), h.data_ptr(), b, width,
+                               cos.data_ptr(), sin.data_ptr(), t, None if mask is None else mask.data_ptr(),
+                               step.norm.data_ptr(), step.eps, None if head is None else ctypes.addressof(head.proj),
+                               0 if head is None else head.out, None if logits is None else logits.data_ptr(),
+                               torch.get_num_threads())
+        for kv in kvs:
+            keys, values = kv._chattune_room
+            kv.keys, kv.values = keys[:, :, :t + 1], values[:, :, :t + 1]
+        if logits is not None:
+            return logits
+        return step.head(step._rms(h.view(b, 1, width), step.norm, step.eps))[:, -1, :].float()
 
 
 class _NativeStep:
@@ -298,13 +352,8 @@ class _NativeStep:
 ROOM = 128  # slots a layer's cache grows by at a time (then by half its length): one copy per 128+ tokens
 
 
-def append(kv, k: torch.Tensor, v: torch.Tensor) -> int:
-    """Append one step's keys and values [B, kv_heads, 1, hd] to a cache layer; returns the slot stride of its
-    storage (its `cap`). Why: `torch.cat` at every step copies the whole cache of every layer (at 8 rows and a few
-    hundred tokens, megabytes a step). Here a layer keeps its keys and values in storage [B, kv_heads, cap, hd]
-    with room to grow, and `kv.keys`/`kv.values` are views of its first T slots, so a step writes only the new
-    slot. Whatever replaces the views (the engine's merge and keep, transformers' own cat) leaves plain tensors,
-    which the next append copies once into new storage."""
+def _room(kv) -> tuple[torch.Tensor, torch.Tensor]:
+    """A cache layer's key and value storage [B, kv_heads, cap, hd] with a free slot after its T (see `append`)."""
     keys, values = kv.keys, kv.values
     b, heads, t, hd = keys.shape
     room = getattr(kv, "_chattune_room", None)
@@ -315,10 +364,22 @@ def append(kv, k: torch.Tensor, v: torch.Tensor) -> int:
         room[0][:, :, :t].copy_(keys)
         room[1][:, :, :t].copy_(values)
         kv._chattune_room = room
-    room[0][:, :, t:t + 1].copy_(k)
-    room[1][:, :, t:t + 1].copy_(v)
-    kv.keys, kv.values = room[0][:, :, :t + 1], room[1][:, :, :t + 1]
-    return room[0].shape[2]
+    return room
+
+
+def append(kv, k: torch.Tensor, v: torch.Tensor) -> int:
+    """Append one step's keys and values [B, kv_heads, 1, hd] to a cache layer; returns the slot stride of its
+    storage (its `cap`). Why: `torch.cat` at every step copies the whole cache of every layer (at 8 rows and a few
+    hundred tokens, megabytes a step). Here a layer keeps its keys and values in storage [B, kv_heads, cap, hd]
+    with room to grow, and `kv.keys`/`kv.values` are views of its first T slots, so a step writes only the new
+    slot. Whatever replaces the views (the engine's merge and keep, transformers' own cat) leaves plain tensors,
+    which the next append copies once into new storage."""
+    keys, values = _room(kv)
+    t = kv.keys.shape[2]
+    keys[:, :, t:t + 1].copy_(k)
+    values[:, :, t:t + 1].copy_(v)
+    kv.keys, kv.values = keys[:, :, :t + 1], values[:, :, :t + 1]
+    return keys.shape[2]
 
 
 def _plain_dynamic(cache) -> bool:
