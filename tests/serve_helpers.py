@@ -74,14 +74,20 @@ class Script:
     the output head replaces its logits. Only the model's numbers are scripted; the server path is the real one."""
 
     def __init__(self, model, ids: list[int] | None = None, delay: float = 0.0):
-        self.ids, self.delay, self.step = ids, delay, 0
+        self.ids, self.delay, self.step, self.last = ids, delay, 0, None
         model.register_forward_pre_hook(self._reset, with_kwargs=True)
         model.get_output_embeddings().register_forward_hook(self._force)
 
     def _reset(self, module, args, kwargs):
-        ids = kwargs.get("input_ids")
-        if ids is not None and ids.shape[1] > 1:  # a new prompt (prefill)
+        ids, positions = kwargs.get("input_ids"), kwargs.get("position_ids")
+        # A new prompt: a prefill, or one token that does not follow the last one (the rest of a prompt whose
+        # start the server's prompt cache held)
+        jump = positions is not None and positions.shape[0] == 1 and self.last is not None \
+            and int(positions[0, 0]) != self.last + 1
+        if ids is not None and (ids.shape[1] > 1 or jump):
             self.step = 0
+        if positions is not None:
+            self.last = int(positions[0, -1])
 
     def _force(self, module, inputs, output):
         if self.delay:

@@ -31,11 +31,26 @@ def configure(p) -> None:
     p.add_argument("--max-batch", type=_at_least_one, default=8,
                    help="requests decoded together (continuous batching); 1: one at a time")
     p.add_argument("--max-tokens", type=_at_least_one, default=512, help="default max_tokens of a request")
+    p.add_argument("--prompt-cache", type=_at_least_zero, default=256, metavar="MB",
+                   help="keep finished requests' keys and values (up to MB) so that a prompt starting with one "
+                        "prefills only the rest (serve/prompt_cache.py); 0: off (default 256)")
     add_device_options(p)
     p.add_argument("--template", help="override the template (default: the one the run used); = template=NAME")
     add_block_weights_option(p)
     add_decode_step_option(p)
     add_overrides(p, KEYS)
+
+
+def _at_least_zero(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed: give 0 (off) or more")
+    return value
 
 
 def _at_least_one(text: str) -> int:
@@ -87,13 +102,16 @@ def run(args) -> int:
     key = args.api_key or os.environ.get("CHATTUNE_API_KEY") or None
     app = create_app(tuned, api_key=key, max_queue=args.max_queue, default_max_tokens=args.max_tokens,
                      max_batch=args.max_batch, decode_step=args.decode_step, bind_host=args.host,
-                     models=getattr(args, "models", None))
+                     models=getattr(args, "models", None), prompt_cache_mb=args.prompt_cache)
     worker = app.state.worker
     batching = (f"continuous batching of up to {worker.max_batch} requests" if worker.batching else
                 "one request at a time" + (" (this model cannot be batched exactly)" if worker.max_batch > 1 else ""))
     batching += ("; chattune's decode step" if worker.decode_step == "chattune" else
                  f"; transformers' decode step: {worker.decode_why}")
     names = ", ".join(m.id for m in getattr(args, "models", None) or []) or model_name(tuned)
+    cache = worker.prompt_cache
+    batching += (f"; prompt cache {cache.budget >> 20} MB" if cache else
+                 f"; no prompt cache ({worker.prompt_cache_why})")
     log(f"serving {names} on http://{args.host}:{args.port} (web chat at /, API at /v1; {batching})"
         + (", API key required" if key else ""))
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -58,7 +58,7 @@ def _host_name(value: str) -> str:
 
 def create_app(tuned, api_key: str | None = None, max_queue: int = 16, default_max_tokens: int = 512,
                max_batch: int = 8, decode_step: str = "auto", bind_host: str | None = None,
-               models: list[Served] | None = None):
+               models: list[Served] | None = None, prompt_cache_mb: int = 256):
     """The server. `models` (serve/adapters.py `add_loras`): the models requests may name where several adapters
     share `tuned`'s base, the first what a request without `model` gets; None: `tuned` alone.
     `bind_host` (what `chattune serve --host` binds): without an API key and bound to this machine
@@ -89,7 +89,8 @@ def create_app(tuned, api_key: str | None = None, max_queue: int = 16, default_m
     served = models or served_alone(model_name(tuned), tuned)
     by_id = {m.id: m for m in served}
     several = len(served) > 1
-    worker = Worker(tuned, max_queue, max_batch, decode_step, adapters=[m.adapter for m in served] if several else None)
+    worker = Worker(tuned, max_queue, max_batch, decode_step, adapters=[m.adapter for m in served] if several else None,
+                    prompt_cache_mb=prompt_cache_mb)
     name = served[0].id
     ctx = context_length(tuned.model)
     app.state.worker = worker
@@ -119,7 +120,7 @@ def create_app(tuned, api_key: str | None = None, max_queue: int = 16, default_m
     async def health():
         return {"status": "ok", "model": name, "models": list(by_id), "queued": worker.waiting,
                 "busy": worker.busy.is_set(), "batching": worker.batching, "largest_batch": worker.largest_batch,
-                "decode_step": worker.decode_step}
+                "decode_step": worker.decode_step, "prompt_cache": worker.prompt_cache_stats()}
 
     @app.get("/v1/models")
     async def model_list(request: Request):

@@ -36,9 +36,10 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 from chattune.models.decode_step import DecodeStep, install_for_generate, why_not
 from chattune.sampling import SamplingSettings, StopStrings
-from chattune.serve.engine import (Batch, Sampling, batching_is_exact, mixed_batching_is_exact, prefill,
+from chattune.serve.engine import (Batch, _forward, Sampling, batching_is_exact, mixed_batching_is_exact, prefill,
                                    prompt_scores, step_matches_transformers)
 from chattune.serve.logprobs import TokenScore, distribution, scores_for
+from chattune.serve.prompt_cache import PromptCache, prefill_after, reuse_is_exact, row_cache
 
 
 @dataclass
@@ -158,9 +159,10 @@ MIXED_WHY = "several adapters are served (chattune's step applies the same adapt
 
 class Worker:
     def __init__(self, tuned, max_queue: int = 16, max_batch: int = 8, decode_step: str = "auto",
-                 adapters: list[str] | None = None):
+                 adapters: list[str] | None = None, prompt_cache_mb: int = 256):
         """`adapters`: the peft adapter names of the served models where several LoRA adapters share the base
-        (serve/adapters.py); each job then says which one it runs with."""
+        (serve/adapters.py); each job then says which one it runs with. `prompt_cache_mb`: the budget of the
+        prompt cache (serve/prompt_cache.py; 0: none)."""
         if max_queue < 1:
             raise ValueError(f"max_queue must be at least 1 (got {max_queue})")
         self.tuned = tuned
@@ -191,6 +193,14 @@ class Worker:
         elif decode_step == "auto":  # --max-batch 1: generate, through the step where its own check passes
             self.decode_why = install_for_generate(t.model, self.pad_id)
             self.generate_step = self.decode_why is None
+        self.prompt_cache, self.prompt_cache_why = PromptCache(0), "--prompt-cache 0"
+        if prompt_cache_mb > 0:
+            self.prompt_cache_why = ("it needs the batching engine" if not self.batching else
+                                     None if reuse_is_exact(t.model, self.pad_id, self._forward_for(None), prefill,
+                                                                 self.decode)
+                                     else "reusing a prefix changed this model's logits")
+            if self.prompt_cache_why is None:
+                self.prompt_cache = PromptCache(prompt_cache_mb << 20)
         self.largest_batch = 0  # the most requests decoded together so far (reported by /health)
         self.thread = threading.Thread(target=self._run, name="chattune-generate", daemon=True)
         self.thread.start()
@@ -279,9 +289,10 @@ class Worker:
                     self.largest_batch = max(self.largest_batch, len(rows))
                 going = [i for i, r in enumerate(rows) if not r.finished]
                 if len(going) < len(rows):
-                    for r in rows:
+                    for i, r in enumerate(rows):
                         if r.finished:
                             r.report()
+                            self._keep_prompt(batch, i, r)
                     rows = [rows[i] for i in going]
                     if rows:
                         batch.keep(going)
@@ -321,9 +332,53 @@ class Worker:
             going.append(job)
         return going
 
+    def prompt_cache_stats(self) -> dict:
+        """/health's `prompt_cache`: its budget and use, or why there is none."""
+        c = self.prompt_cache
+        if not c:
+            return {"enabled": False, "why": self.prompt_cache_why}
+        return {"enabled": True, "budget_mb": c.budget >> 20, "entries": len(c.entries),
+                "mb": round(c.size / 2**20, 1), "hits": c.hits, "reused_tokens": c.reused_tokens}
+
+    def _forward_for(self, adapter: str | None):
+        rows = [adapter] if self.adapters else None
+        return lambda model, ids, mask, positions, cache: _forward(model, ids, mask, positions, cache, rows)
+
+    def _keep_prompt(self, batch: Batch, i: int, r: _Row) -> None:
+        """Put a finished row's keys and values (its prompt and the answer tokens fed back) in the prompt cache."""
+        if not self.prompt_cache or r.error is not None or r.job.cancel.is_set() or r.job.solo:
+            return
+        tokens = r.job.prompt_ids + r.new[:-1]
+        n = len(tokens)
+        if int(batch.mask[i].sum()) != n or not bool(batch.mask[i, batch.mask.shape[1] - n:].all()):
+            return  # (never expected: a row's slots are its fed tokens, after its left padding)
+        keys, values = row_cache(batch.cache, i, n)
+        self.prompt_cache.put(r.job.adapter, tokens, keys, values)
+
+    def _reuse(self, model, job: Job) -> tuple[list[Job], torch.Tensor, Batch] | None:
+        """Prefill `job` after the longest prefix the prompt cache holds for it, or None (no such prefix, a
+        seeded request, or a failure: the plain prefill then runs)."""
+        if not self.prompt_cache or job.solo:
+            return None
+        hit = self.prompt_cache.find(job.adapter, job.prompt_ids)
+        if hit is None:
+            return None
+        try:
+            logits, cache, mask = prefill_after(model, hit[0], hit[1], job.prompt_ids, self._forward_for(job.adapter),
+                                                self.decode)
+        except Exception:  # noqa: BLE001 - the plain prefill decides this request's fate
+            return None
+        return [job], logits, Batch.start(cache, mask, [job.adapter] if self.adapters else None)
+
     def _prefill(self, model, jobs: list[Job], pad_id: int) -> list[tuple[list[Job], torch.Tensor, Batch]]:
-        """Prefill `jobs` together; when that fails (e.g. out of memory on a long prompt), each on its own, so
-        only the prompt that cannot be prefilled fails (its request gets the error)."""
+        """Prefill `jobs`: each that the prompt cache holds a prefix for after that prefix, the others together;
+        when that fails (e.g. out of memory on a long prompt), each on its own, so only the prompt that cannot be
+        prefilled fails (its request gets the error)."""
+        reused = [part for part in (self._reuse(model, j) for j in jobs) if part is not None]
+        if reused:
+            done = {id(part[0][0]) for part in reused}
+            rest = [j for j in jobs if id(j) not in done]
+            return reused + (self._prefill(model, rest, pad_id) if rest else [])
         adapters = [j.adapter for j in jobs] if self.adapters else None
         rows = {"adapters": adapters} if adapters else {}  # (a one-model server calls it as it always did)
         try:
