@@ -18,6 +18,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.datastructures import Headers
 
 from chattune.sampling import StopStrings, sampling_settings
 from chattune.serve.adapters import Served, served_alone
@@ -71,21 +72,39 @@ def create_app(tuned, api_key: str | None = None, max_queue: int = 16, default_m
     # new thread brings its own malloc arena (tens of MiB resident under load) and rendering is quick
     render_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="chattune-render")
 
-    @app.middleware("http")
-    async def same_site_only(request: Request, call_next):
-        if api_key is None:
-            host = request.headers.get("host", "")
-            if local_only and _host_name(host) not in LOOPBACK:
-                return JSONResponse(ApiError(403, f"Host {host!r} is not this machine: this server, bound to "
-                                                  f"{bind_host} without an API key, answers only requests for "
-                                                  "localhost (DNS rebinding protection); set --api-key to serve "
-                                                  "other names", kind="permission_error").body(), status_code=403)
-            origin = request.headers.get("origin")
-            if origin is not None and origin.split("://", 1)[-1].rstrip("/") != host:
-                return JSONResponse(ApiError(403, f"a web page from {origin} may not use this server (it has no API "
-                                                  "key, so only its own page may call it); set --api-key to allow "
-                                                  "other sites", kind="permission_error").body(), status_code=403)
-        return await call_next(request)
+    def refusal(headers) -> JSONResponse | None:
+        """The 403 for a request this server without an API key must not answer (see the docstring), or None."""
+        if api_key is not None:
+            return None
+        host = headers.get("host", "")
+        if local_only and _host_name(host) not in LOOPBACK:
+            return JSONResponse(ApiError(403, f"Host {host!r} is not this machine: this server, bound to "
+                                              f"{bind_host} without an API key, answers only requests for "
+                                              "localhost (DNS rebinding protection); set --api-key to serve "
+                                              "other names", kind="permission_error").body(), status_code=403)
+        origin = headers.get("origin")
+        if origin is not None and origin.split("://", 1)[-1].rstrip("/") != host:
+            return JSONResponse(ApiError(403, f"a web page from {origin} may not use this server (it has no API "
+                                              "key, so only its own page may call it); set --api-key to allow "
+                                              "other sites", kind="permission_error").body(), status_code=403)
+        return None
+
+    class SameSiteOnly:
+        """`refusal` as a plain ASGI middleware. Why not `@app.middleware("http")`: starlette's BaseHTTPMiddleware
+        relays every chunk of a streamed answer through a memory stream and a second task, a cost paid per token."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] == "http":
+                refused = refusal(Headers(scope=scope))
+                if refused is not None:
+                    await refused(scope, receive, send)
+                    return
+            await self.inner(scope, receive, send)
+
+    app.add_middleware(SameSiteOnly)
     served = models or served_alone(model_name(tuned), tuned)
     by_id = {m.id: m for m in served}
     several = len(served) > 1
