@@ -219,7 +219,10 @@ def test_plain_install_runs_from_any_directory(tiny, tmp_path):
     ours = [p for p in sys.path if p.endswith(("site-packages", "dist-packages")) and Path(p).is_dir()]
     assert ours, sys.path
     (Path(own) / "parent_environment.pth").write_text("".join(p + "\n" for p in ours))
-    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True, timeout=600)
+    # --ignore-installed: a chattune installed in the parent environment (e.g. editable) is visible through the .pth
+    # and would otherwise count as "already satisfied", leaving the venv without its own copy
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed", str(wheel)], check=True,
+                   timeout=600)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
