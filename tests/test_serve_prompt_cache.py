@@ -83,7 +83,7 @@ def test_a_prefill_after_a_reused_prefix_gives_the_full_prefills_logits(model_di
             a, b = Batch.start(cache, mask), Batch.start(got_cache, got_mask)
             torch.testing.assert_close(b.step(model, [7]), a.step(model, [7]), atol=1e-5, rtol=0)
             want, cache, mask = prefill(model, [prompt], 0)
-        assert reuse_is_exact(model, 0, _forward, prefill) and reuse_is_exact(model, 0, _forward, prefill, step)
+        assert reuse_is_exact(model, 0, _forward) and reuse_is_exact(model, 0, _forward, step)
 
 
 def test_a_repeated_prompt_and_the_next_turn_reuse_the_cache_with_the_same_answers(model_dir):

@@ -41,28 +41,24 @@ def configure(p) -> None:
     add_overrides(p, KEYS)
 
 
-def _at_least_zero(text: str) -> int:
+def _at_least(least: int, hint: str):
+    """An argparse type: a whole number of at least `least`; `hint` says what to give instead."""
     import argparse
 
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed: give 0 (off) or more")
-    return value
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} is not allowed: {hint}")
+        return value
+
+    return parse
 
 
-def _at_least_one(text: str) -> int:
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed: give at least 1")
-    return value
+_at_least_one = _at_least(1, "give at least 1")
+_at_least_zero = _at_least(0, "give 0 (off) or more")
 
 
 def load(args, log=print):

@@ -283,10 +283,9 @@ class _WholeStep:
             spec.q_heads, spec.kv_heads, spec.hd = layer.q_heads, layer.qk_heads - layer.q_heads, layer.head_dim
             spec.scale, spec.o, spec.norm2, spec.eps2 = layer.scaling, layer.o.proj, layer.norm2.data_ptr(), layer.eps2
             spec.gate_up, spec.inter, spec.down = layer.gate_up.proj, layer.gate_up.out // 2, layer.down.proj
-        self.keep = [(layer.norm1, layer.norm2) for layer in step.layers]  # the addresses above stay valid
         head = step.head
         self.head = head if isinstance(head, _FusedProjection) and head.bias is None else None
-        self.step = step
+        self.step = step  # (its layers hold the tensors whose addresses the specs carry)
 
     def __call__(self, x, cos, sin, mask, cache) -> torch.Tensor:
         b, width = x.shape[0], x.shape[-1]

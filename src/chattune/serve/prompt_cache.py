@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from chattune.serve.engine import Batch, prefill
+
 MIN_PREFIX = 8  # fewer shared tokens than this: a plain prefill (a hit saves too little to be worth the lookup)
 
 
@@ -107,8 +109,6 @@ def prefill_after(model, entry: Entry, length: int, prompt: list[int], forward, 
     goes through it a token at a time: on a CPU one decode step is several times faster than a forward call."""
     from transformers import DynamicCache
 
-    from chattune.serve.engine import Batch
-
     device = next(model.parameters()).device
     cache = DynamicCache()
     for i, (k, v) in enumerate(zip(entry.keys, entry.values)):
@@ -127,7 +127,7 @@ def prefill_after(model, entry: Entry, length: int, prompt: list[int], forward, 
 
 
 @torch.inference_mode()
-def reuse_is_exact(model, pad_id: int, forward, prefill, decode=None) -> bool:
+def reuse_is_exact(model, pad_id: int, forward, decode=None) -> bool:
     """Prefilling a probe prompt after a reused prefix gives the logits of a full prefill (`same_logits`): its
     rest in one forward, and a token at a time through `decode`."""
     from chattune.models.checks import model_dtype, same_logits

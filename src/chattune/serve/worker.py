@@ -196,8 +196,7 @@ class Worker:
         self.prompt_cache, self.prompt_cache_why = PromptCache(0), "--prompt-cache 0"
         if prompt_cache_mb > 0:
             self.prompt_cache_why = ("it needs the batching engine" if not self.batching else
-                                     None if reuse_is_exact(t.model, self.pad_id, self._forward_for(None), prefill,
-                                                                 self.decode)
+                                     None if reuse_is_exact(t.model, self.pad_id, self._forward_for(None), self.decode)
                                      else "reusing a prefix changed this model's logits")
             if self.prompt_cache_why is None:
                 self.prompt_cache = PromptCache(prompt_cache_mb << 20)
@@ -371,14 +370,19 @@ class Worker:
         return [job], logits, Batch.start(cache, mask, [job.adapter] if self.adapters else None)
 
     def _prefill(self, model, jobs: list[Job], pad_id: int) -> list[tuple[list[Job], torch.Tensor, Batch]]:
-        """Prefill `jobs`: each that the prompt cache holds a prefix for after that prefix, the others together;
-        when that fails (e.g. out of memory on a long prompt), each on its own, so only the prompt that cannot be
-        prefilled fails (its request gets the error)."""
-        reused = [part for part in (self._reuse(model, j) for j in jobs) if part is not None]
-        if reused:
-            done = {id(part[0][0]) for part in reused}
-            rest = [j for j in jobs if id(j) not in done]
-            return reused + (self._prefill(model, rest, pad_id) if rest else [])
+        """Prefill `jobs`: each that the prompt cache holds a prefix for after that prefix, the others together."""
+        parts, rest = [], []
+        for job in jobs:
+            part = self._reuse(model, job)
+            if part is None:
+                rest.append(job)
+            else:
+                parts.append(part)
+        return parts + (self._prefill_together(model, rest, pad_id) if rest else [])
+
+    def _prefill_together(self, model, jobs: list[Job], pad_id: int) -> list[tuple[list[Job], torch.Tensor, Batch]]:
+        """Prefill `jobs` together; when that fails (e.g. out of memory on a long prompt), each on its own, so only
+        the prompt that cannot be prefilled fails (its request gets the error)."""
         adapters = [j.adapter for j in jobs] if self.adapters else None
         rows = {"adapters": adapters} if adapters else {}  # (a one-model server calls it as it always did)
         try:
@@ -388,7 +392,7 @@ class Worker:
             if len(jobs) == 1:
                 jobs[0].emit("error", e)
                 return []
-            return [part for job in jobs for part in self._prefill(model, [job], pad_id)]
+            return [part for job in jobs for part in self._prefill_together(model, [job], pad_id)]
 
     def _run_one_at_a_time(self) -> None:
         while True:
