@@ -192,9 +192,9 @@ def test_client_disconnect_frees_the_worker(model_dir):
     script = Script(t.model, list(b"a" * 400), delay=0.05)  # 400 tokens at 50 ms: 20 s if nobody stops it
     app = create_app(t)
     worker = app.state.worker
-    # The start-up checks (batching, prompt cache) ran the scripted model and left its count anywhere: the count
-    # starts again here, and the wait below is for both signs of generation together (a count of 3 left by the
-    # checks, seen before the worker took the job, was a flake)
+    # The start-up checks (batching, prompt cache) ran the scripted model and left its count at 3, so the count
+    # starts again here, and the wait below is for both signs of generation together (the checks' count, seen
+    # before the worker took the job, was a flake)
     script.step = 0
 
     def generating():
